@@ -1,0 +1,693 @@
+"""``dmde train``: the whole method as one resumable run directory.
+
+data → ontology (§III) → task groups (§IV-A) → experts (§IV-B) → fusion (Eqs. 7–10) →
+end-to-end fine-tuning (Eq. 11) → baselines (§V) → evaluation.
+
+Each stage records in ``stages.json`` the hash of everything it depends on (its own config
+section and the hashes of the stages before it). Running again skips a stage whose hash is
+unchanged and whose outputs exist; a changed setting redoes that stage and the ones after it.
+A stage killed half-way resumes from its last checkpoint (experts and every trained model
+write one per epoch).
+
+Run directory::
+
+    config.yaml      resolved configuration       stages.json   stage hashes and timings
+    data.json        classes, split sizes         ontology.json / groups.json
+    experts/expert_XXX.pt (+ .jsonl logs)         fusion.pt     the trained N-way layer
+    mixture.pt       fine-tuned mixture           flat.pt, early_fusion.pt   baselines
+    metrics.json, per_class.csv, per_class.png    evaluation
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmde.config import config_hash, save_config, to_dict
+from dmde.errors import DmdeFileError, DmdeValueError, MismatchError
+from dmde.io import read_json, write_json
+from dmde.train_experts import ExpertsConfig
+from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits
+
+
+@dataclass
+class DataConfig:
+    """Which images, at what size, and how they are split (seeded, per class)."""
+
+    dataset: str = "fashion_mnist"  # fashion_mnist | tiny_imagenet | imagefolder | synthetic
+    root: str | None = None  # dataset directory (or Tiny-ImageNet zip); None: the default location
+    classes: list[str] | None = None  # keep only these WNIDs (synthetic: the class list)
+    max_classes: int | None = None  # keep the first n classes of the dataset
+    image_size: int | None = None  # resize to this many pixels (None: native size)
+    max_per_class: int | None = None  # subsample the training split per class (speed)
+    holdout_per_class: int = 100  # evaluation images per class, never trained on
+    fusion_per_class: int = 0  # images per class kept from the experts for the N-way layer
+    synthetic_per_class: int = 60
+    cache: str | None = None  # decoded-image cache (.pt); None: decode every time
+    seed: int = 0
+
+
+@dataclass
+class OntologyConfig:
+    categories: int | None = None  # K; None: about 20 classes per category
+    seed: int = 0
+    drop_non_atomic: bool = False
+    wordnet: str | None = None  # WordNet 3.0 directory; None: found automatically
+
+
+@dataclass
+class GroupsConfig:
+    size: int = 4  # M, classes per task group
+    overlap: float = 0.5  # λ in [0, 1)
+    assignment: str = "semantic"  # semantic | random | visual
+    seed: int = 0
+    visual_backbone: str = "efficientnet_lite0"  # features for the visual tree
+    visual_per_class: int = 32
+
+
+@dataclass
+class FusionConfig:
+    """Stacking (Eq. 7 and variants), the N-way layer (Eq. 10) and fine-tuning (Eq. 11)."""
+
+    stacking: str = "eq7"  # eq7 | eq7_log | stack2 | sum
+    eps: float = 1e-4  # φ is clamped to [eps, 1]
+    lam: float = 0.5  # λ of Stack 2 (Eq. 12)
+    nway: str = "dense"  # dense | lowrank | none
+    rank: int = 32
+    input: str = "log"  # the N-way layer sees log Υ (log) or Υ (upsilon)
+    epochs: int = 30  # N-way layer on cached Υ
+    lr: float = 0.01
+    identity_l2: float = 1e-3  # pull A towards I: a small N-way layer must not forget argmax Υ
+    batch_size: int = 256
+    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
+    batched: bool = True  # run all experts in one vmap pass where possible
+
+
+@dataclass
+class BaselinesConfig:
+    flat: bool = True
+    early_fusion: bool = False
+    width_matched_flat: bool = False
+    epochs: int | None = None  # None: as many as the experts
+    early_fusion_epochs: int = 30
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    ontology: OntologyConfig = field(default_factory=OntologyConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+STAGES = ("ontology", "groups", "experts", "fusion", "finetune", "flat", "early_fusion", "evaluate")
+# What each stage leaves in the run directory (removed when the stage must be redone).
+OUTPUTS = {
+    "ontology": ["ontology.json"],
+    "groups": ["groups.json", "visual_ontology.json"],
+    "experts": ["experts"],
+    "fusion": ["fusion.pt"],
+    "finetune": ["mixture.pt", "mixture.jsonl"],
+    "flat": ["flat.pt", "flat.jsonl"],
+    "early_fusion": ["early_fusion.pt"],
+    "evaluate": ["metrics.json", "per_class.csv", "per_class.png"],
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    classes: list[str]  # dataset classes as WNIDs (dataset order)
+    train: ImageTensors  # targets: dataset class ids until aligned to the ontology
+    fusion: ImageTensors
+    holdout: ImageTensors
+
+    def align(self, positions: np.ndarray) -> "Splits":
+        """Dataset class ids → ontology positions (−1: class dropped from the ontology)."""
+        lut = torch.as_tensor(positions, dtype=torch.long)
+
+        def one(t: ImageTensors) -> ImageTensors:
+            y = lut[t.targets]
+            keep = y >= 0
+            return ImageTensors(t.inputs[keep], y[keep], t.kind, t.mean, t.std)
+
+        return Splits(self.classes, one(self.train), one(self.fusion), one(self.holdout))
+
+
+def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
+    """The configured dataset (a :mod:`dmde.data` dataset, or synthetic images in memory)."""
+    from dmde import data
+
+    if cfg.dataset == "fashion_mnist":
+        return data.FashionMNIST(cfg.root, split="train" if split == "train" else "test")
+    if cfg.dataset == "tiny_imagenet":
+        if cfg.root is None:
+            raise DmdeValueError("data.root must point at the Tiny-ImageNet directory or its zip")
+        return data.TinyImageNet(cfg.root, split=split)
+    if cfg.dataset == "imagefolder":
+        if cfg.root is None:
+            raise DmdeValueError("data.root must point at an ImageFolder directory (<root>/<class>/<image>)")
+        return data.ImageFolder(cfg.root)
+    if cfg.dataset == "synthetic":
+        from dmde.synthetic import synthetic_images
+
+        classes = list(cfg.classes or data.fashion_mnist_wnids())
+        images, targets = synthetic_images(len(classes), cfg.synthetic_per_class, size=cfg.image_size or 16,
+                                           seed=cfg.seed + (0 if split == "train" else 7919))
+        return data.InMemoryImages(images, targets.numpy(), classes)
+    raise DmdeValueError(f"unknown dataset {cfg.dataset!r} (fashion_mnist, tiny_imagenet, imagefolder, synthetic)")
+
+
+def class_wnids(classes: Sequence[str], wn: Any) -> list[str]:
+    """Dataset class names → WNIDs (ImageFolder may name its classes by lemma)."""
+    import re
+
+    out = []
+    for c in classes:
+        out.append(c if re.fullmatch(r"n\d{8}", c) else wn.wnid(wn.resolve(c)))
+    return out
+
+
+def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Splits:
+    """Decode the training split once and cut it into train / fusion / hold-out, per class."""
+    from dmde import data
+
+    ds = open_dataset(cfg, "train", wn)
+    mem = ds if isinstance(ds, data.InMemoryImages) else data.materialize(
+        ds, size=cfg.image_size, cache=cfg.cache, progress=progress)
+    classes = class_wnids(mem.classes, wn) if cfg.dataset == "imagefolder" else list(mem.classes)
+    targets = np.asarray(mem.targets, dtype=np.int64)
+    keep_classes = list(range(len(classes)))
+    if cfg.classes is not None and cfg.dataset != "synthetic":
+        unknown = sorted(set(cfg.classes) - set(classes))
+        if unknown:
+            raise DmdeValueError(f"data.classes lists {unknown[0]}, which the dataset does not have")
+        keep_classes = [classes.index(w) for w in cfg.classes]
+    if cfg.max_classes is not None:
+        keep_classes = keep_classes[: cfg.max_classes]
+    lut = np.full(len(classes), -1, dtype=np.int64)
+    lut[keep_classes] = np.arange(len(keep_classes))
+    classes = [classes[i] for i in keep_classes]
+    y = lut[targets]
+    idx = np.flatnonzero(y >= 0)
+    y = y[idx]
+    rest, hold = data.holdout_split(y, per_class=cfg.holdout_per_class, seed=cfg.seed)
+    fusion = np.zeros(0, dtype=np.int64)
+    if cfg.fusion_per_class > 0:
+        r_train, r_fusion = data.holdout_split(y[rest], per_class=cfg.fusion_per_class, seed=cfg.seed + 1)
+        rest, fusion = rest[r_train], rest[r_fusion]
+    if cfg.max_per_class is not None:
+        r_keep = _first_per_class(y[rest], cfg.max_per_class, cfg.seed)
+        rest = rest[r_keep]
+    images = mem.images
+    yt = torch.as_tensor(y)
+
+    def part(sel: np.ndarray) -> ImageTensors:
+        sel_t = torch.as_tensor(sel, dtype=torch.long)
+        return ImageTensors(images[torch.as_tensor(idx)[sel_t]], yt[sel_t])
+
+    return Splits(classes, part(rest), part(fusion), part(hold))
+
+
+def _first_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
+def cat_data(a: ImageTensors, b: ImageTensors) -> ImageTensors:
+    if len(b) == 0:
+        return a
+    return ImageTensors(torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets]), a.kind, a.mean, a.std)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+class Run:
+    """A run directory and its stage bookkeeping."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: RunConfig) -> None:
+        self.dir = Path(run_dir)
+        self.cfg = cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._stages_path = self.dir / "stages.json"
+        self.stages: dict[str, dict[str, Any]] = read_json(self._stages_path) if self._stages_path.exists() else {}
+        self.trained: list[str] = []  # stages that did work in this invocation
+
+    def is_done(self, name: str, h: str) -> bool:
+        rec = self.stages.get(name)
+        ok = rec is not None and rec.get("hash") == h and rec.get("done")
+        return bool(ok) and all((self.dir / p).exists() for p in OUTPUTS[name][:1])
+
+    def begin(self, name: str, h: str) -> None:
+        """Start (or resume) a stage; outputs from a different configuration are removed."""
+        rec = self.stages.get(name)
+        if rec is not None and rec.get("hash") != h:
+            for p in OUTPUTS[name]:
+                path = self.dir / p
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.stages[name] = {"hash": h, "done": False, "started": time.time()}
+        write_json(self._stages_path, self.stages)
+
+    def finish(self, name: str, **extra: Any) -> None:
+        rec = self.stages[name]
+        rec.update(done=True, seconds=round(time.time() - rec.pop("started", time.time()), 2), **extra)
+        write_json(self._stages_path, self.stages)
+        self.trained.append(name)
+
+
+def stage_hashes(cfg: RunConfig) -> dict[str, str]:
+    """Hash of each stage's inputs: its own settings plus the hashes of the stages it uses."""
+    h: dict[str, str] = {}
+    data = config_hash(cfg.data)
+    h["ontology"] = config_hash([data, to_dict(cfg.ontology)])
+    h["groups"] = config_hash([h["ontology"], to_dict(cfg.groups)])
+    h["experts"] = config_hash([h["groups"], data, to_dict(cfg.experts)])
+    fusion = to_dict(cfg.fusion)
+    finetune = fusion.pop("finetune")
+    fusion.pop("batched")
+    h["fusion"] = config_hash([h["experts"], fusion])
+    h["finetune"] = config_hash([h["fusion"], finetune])
+    exp = to_dict(cfg.experts)
+    h["flat"] = config_hash([h["ontology"], data, exp, cfg.baselines.epochs, cfg.baselines.width_matched_flat])
+    h["early_fusion"] = config_hash([h["experts"], cfg.baselines.early_fusion_epochs])
+    h["evaluate"] = config_hash([h[s] for s in STAGES[:-1]] + [to_dict(cfg.baselines)])
+    return h
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
+          only_experts: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage up to ``until`` (default: all); returns the metrics."""
+    from dmde.ontology import Ontology, build_semantic_ontology
+    from dmde.train_experts import barrier, dist_context, train_all_experts
+    from dmde.wordnet import WordNet
+
+    if until is not None and until not in STAGES:
+        raise DmdeValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    run = Run(run_dir, cfg)
+    rank, world = dist_context()
+    device = resolve_device(cfg.device)
+    if rank == 0:
+        save_config(cfg, run.dir / "config.yaml")
+    hashes = stage_hashes(cfg)
+    wn = WordNet.load(cfg.ontology.wordnet)
+    progress = cfg.progress and rank == 0
+    splits = load_splits(cfg.data, wn, progress=progress)
+    if rank == 0:
+        write_json(run.dir / "data.json", {
+            "dataset": cfg.data.dataset, "classes": splits.classes,
+            "image_size": list(splits.train.inputs.shape[-2:]), "mean": list(splits.train.mean),
+            "std": list(splits.train.std),
+            "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout)})
+
+    def want(name: str) -> bool:
+        return until is None or STAGES.index(name) <= STAGES.index(until)
+
+    # ---- ontology (§III)
+    if not run.is_done("ontology", hashes["ontology"]):
+        if rank == 0:
+            run.begin("ontology", hashes["ontology"])
+            onto = build_semantic_ontology(wn, splits.classes, n_categories=_k(cfg, len(splits.classes)),
+                                           random_state=cfg.ontology.seed,
+                                           drop_non_atomic=cfg.ontology.drop_non_atomic, source="dataset classes")
+            onto.to_json(run.dir / "ontology.json")
+            run.finish("ontology")
+        barrier()
+    onto = Ontology.from_json(run.dir / "ontology.json")
+    positions = np.asarray([onto._pos.get(w, -1) for w in splits.classes])
+    splits = splits.align(positions)
+    n = onto.n_classes
+
+    # ---- task groups (§IV-A)
+    if not run.is_done("groups", hashes["groups"]):
+        if rank == 0:
+            run.begin("groups", hashes["groups"])
+            groups = _make_groups(cfg, onto, splits, wn, run, device)
+            groups.to_json(run.dir / "groups.json")
+            run.finish("groups", n_groups=len(groups.groups))
+        barrier()
+    groups = load_groups(run.dir, onto)
+    if not want("experts"):
+        return {}
+
+    # ---- experts (§IV-B)
+    h = hashes["experts"]
+    if not run.is_done("experts", h) or only_experts is not None:
+        if rank == 0 and run.stages.get("experts", {}).get("hash") != h:
+            run.begin("experts", h)
+        barrier()
+        results = train_all_experts(groups.groups, groups.wnids, splits.train, cfg.experts, run.dir / "experts",
+                                    onto.hash(), holdout=splits.holdout, only=only_experts, device=device,
+                                    progress=progress)
+        write_json(run.dir / "experts" / f"metrics_rank{rank}.json", {str(k): v for k, v in results.items()})
+        if rank == 0 and only_experts is None:
+            run.finish("experts")
+        barrier()
+        if only_experts is not None:
+            return {"experts": results}
+    if rank != 0 or not want("fusion"):
+        return {}
+
+    experts = load_experts(run.dir, onto, groups)
+    # ---- fusion: the N-way softmax on Υ (Eqs. 7–10), experts frozen
+    fusion_data = splits.fusion if len(splits.fusion) else splits.train
+    if cfg.fusion.nway != "none" and not run.is_done("fusion", hashes["fusion"]):
+        run.begin("fusion", hashes["fusion"])
+        train_fusion(run.dir / "fusion.pt", experts, groups.groups, n, fusion_data, cfg.fusion, device, progress)
+        run.finish("fusion")
+
+    # ---- end-to-end fine-tuning (Eq. 11)
+    if want("finetune") and cfg.fusion.finetune.epochs > 0 and not run.is_done("finetune", hashes["finetune"]):
+        run.begin("finetune", hashes["finetune"])
+        mixture = build_mixture(run.dir, cfg, experts, groups.groups, n, stage="fusion")
+        finetune(run.dir / "mixture.pt", mixture, cat_data(splits.train, splits.fusion), cfg, onto.hash(),
+                 device, progress)
+        run.finish("finetune")
+
+    # ---- baselines (§V)
+    if want("flat") and cfg.baselines.flat and not run.is_done("flat", hashes["flat"]):
+        run.begin("flat", hashes["flat"])
+        train_flat(run.dir / "flat.pt", cat_data(splits.train, splits.fusion), n, cfg, onto.hash(), device,
+                   progress, n_experts=len(groups.groups))
+        run.finish("flat")
+    if want("early_fusion") and cfg.baselines.early_fusion and not run.is_done("early_fusion",
+                                                                                 hashes["early_fusion"]):
+        run.begin("early_fusion", hashes["early_fusion"])
+        train_early_fusion(run.dir / "early_fusion.pt", experts, cat_data(splits.train, splits.fusion), n, cfg,
+                           device, progress)
+        run.finish("early_fusion")
+
+    # ---- evaluation
+    if want("evaluate") and not run.is_done("evaluate", hashes["evaluate"]):
+        from dmde.evaluate import evaluate_run
+
+        run.begin("evaluate", hashes["evaluate"])
+        evaluate_run(run.dir, data=splits.holdout, device=device, progress=progress)
+        run.finish("evaluate")
+    return read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").exists() else {}
+
+
+def _k(cfg: RunConfig, n: int) -> int | None:
+    k = cfg.ontology.categories
+    if k is not None and not 1 <= k <= n:
+        raise DmdeValueError(f"ontology.categories={k} must lie in 1..{n} (the number of classes)")
+    return k
+
+
+def _make_groups(cfg: RunConfig, onto, splits: Splits, wn, run: Run, device: torch.device):
+    from dmde.groups import make_groups
+
+    g = cfg.groups
+    visual = None
+    if g.assignment == "visual":
+        from dmde.ontology import build_visual_ontology
+
+        feats = class_mean_features(splits.train, onto.n_classes, g.visual_backbone, g.visual_per_class,
+                                    g.seed, device)
+        visual = build_visual_ontology(feats.numpy(), onto.classes, onto.lemmas,
+                                       n_categories=onto.n_categories, random_state=g.seed, wn=wn,
+                                       source=f"class-mean {g.visual_backbone} features")
+        visual.to_json(run.dir / "visual_ontology.json")
+    return make_groups(onto, g.size, g.overlap, assignment=g.assignment, random_state=g.seed,
+                       visual_ontology=visual)
+
+
+@torch.no_grad()
+def class_mean_features(data: ImageTensors, n_classes: int, backbone: str, per_class: int, seed: int,
+                        device: torch.device) -> torch.Tensor:
+    """Mean deep feature of each class (N, d) from a per-class sample: the visual tree's input."""
+    from dmde.backbones import create_backbone
+
+    kw = {"pretrained": True} if backbone == "efficientnet_lite0" else {}
+    torch.manual_seed(seed)
+    net = create_backbone(backbone, **kw).to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([m[torch.randperm(m.numel(), generator=g)[:per_class]]
+                     for m in (torch.nonzero(data.targets == c).flatten() for c in range(n_classes))])
+    sub = data.subset(idx)
+    feats = predict_logits(net, sub, device=device)
+    sums = torch.zeros(n_classes, feats.shape[1]).index_add_(0, sub.targets, feats)
+    counts = torch.bincount(sub.targets, minlength=n_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def load_groups(run_dir: Path, onto):
+    from dmde.groups import TaskGroups
+
+    groups = TaskGroups.from_json(run_dir / "groups.json")
+    groups.validate(onto)
+    return groups
+
+
+def load_experts(run_dir: Path, onto, groups) -> list[nn.Module]:
+    """Every expert of a run, checked against the run's ontology and groups."""
+    from dmde.train_experts import expert_path, load_expert
+
+    experts = []
+    for j, wnids in enumerate(groups.wnids):
+        path = expert_path(run_dir / "experts", j)
+        if not path.exists():
+            raise DmdeFileError(f"expert {j} of {run_dir} is missing ({path.name}); run `dmde train` to finish it")
+        expert, state = load_expert(path, onto.hash(), wnids)
+        if int(state["epoch"]) < int(state["config"]["epochs"]):
+            raise DmdeValueError(f"expert {j} of {run_dir} is unfinished (epoch {state['epoch']}); resume training")
+        experts.append(expert)
+    return experts
+
+
+def expert_similarities(run_dir: Path, n_experts: int) -> list[torch.Tensor | None]:
+    from dmde.checkpoint import load_checkpoint
+    from dmde.train_experts import expert_path
+
+    return [load_checkpoint(expert_path(run_dir / "experts", j)).get("similarity") for j in range(n_experts)]
+
+
+def build_mixture(run_dir: Path, cfg: RunConfig, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]],
+                  n: int, stage: str = "finetune") -> nn.Module:
+    """The mixture as of a stage: ``upsilon`` (argmax Υ), ``fusion`` (+ N-way) or ``finetune``."""
+    from dmde.checkpoint import load_checkpoint
+    from dmde.fusion import Mixture, NWaySoftmax
+
+    f = cfg.fusion
+    nway = None
+    if stage != "upsilon" and f.nway != "none":
+        nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=f.input)
+        if (run_dir / "fusion.pt").exists():
+            nway.load_state_dict(load_checkpoint(run_dir / "fusion.pt")["model"])
+    mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, nway=nway,
+                      batched=f.batched)
+    if stage == "finetune" and (run_dir / "mixture.pt").exists():
+        mixture.load_state_dict(load_checkpoint(run_dir / "mixture.pt")["model"])
+    mixture.eval()
+    return mixture
+
+
+def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]], n: int,
+                 data: ImageTensors, f: FusionConfig, device: torch.device, progress: bool) -> dict[str, float]:
+    """Train the N-way layer on Υ of the (frozen) experts, computed once (Eq. 10)."""
+    from dmde.checkpoint import save_checkpoint
+    from dmde.fusion import Mixture, NWaySoftmax
+
+    mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, batched=f.batched)
+    mixture.to(device).eval()
+    ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ")  # (n_img, N)
+    torch.manual_seed(mix_seed(0xF0, n))
+    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=f.input)
+    init = {k: v.clone() for k, v in nway.state_dict().items()}
+    opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
+    g = torch.Generator().manual_seed(mix_seed(0xF1, n))
+    y = data.targets
+    for _ in range(f.epochs):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), f.batch_size):
+            b = order[s : s + f.batch_size]
+            loss = F.cross_entropy(nway(ups[b]), y[b])
+            if f.identity_l2 > 0:  # stay near the initial (identity) map
+                loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in nway.named_parameters())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float((nway(ups).argmax(1) == y).float().mean())
+        acc0 = float((ups.argmax(1) == y).float().mean())
+    metrics = {"fusion_train_acc": acc, "upsilon_train_acc": acc0}
+    save_checkpoint(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics})
+    return metrics
+
+
+def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig, ontology_hash: str,
+             device: torch.device, progress: bool) -> dict[str, Any]:
+    """End-to-end fine-tuning (Eq. 11): the N-way loss into A, every head and every CNN,
+    with each expert's own multi-task terms kept."""
+    from dmde.fusion import mixture_loss
+
+    sims = expert_similarities(Path(path).parent, len(mixture.experts))
+    e = cfg.experts
+    mixture.to(device)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        loss, _ = mixture_loss(model, x, y, expert_terms=e.multitask, delta1=e.delta1, delta2=e.delta2,
+                               similarities=sims_dev)
+        return loss, None
+
+    sims_dev = [None if s is None else s.to(device) for s in sims]
+    return fit(mixture, data, cfg.fusion.finetune, loss_fn, path, identity={"ontology_hash": ontology_hash},
+               seed_parts=(0xE2E,), device=device, desc="fine-tune", progress=progress)
+
+
+def _flat_model(cfg: RunConfig, n: int, n_experts: int) -> nn.Module:
+    from dmde.backbones import create_backbone
+    from dmde.baselines import FlatClassifier
+
+    e = cfg.experts
+    return FlatClassifier(create_backbone(e.backbone, **e.backbone_kwargs), n)
+
+
+def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_hash: str, device: torch.device,
+               progress: bool, n_experts: int) -> dict[str, Any]:
+    """The flat baseline ("AlexNet Extension"): the experts' backbone with one N-way softmax."""
+    import dataclasses
+
+    torch.manual_seed(mix_seed(cfg.experts.seed, 0xF1A7))
+    model = _flat_model(cfg, n, n_experts).to(device)
+    ocfg = OptimConfig(**{f.name: getattr(cfg.experts, f.name) for f in dataclasses.fields(OptimConfig)})
+    if cfg.baselines.epochs is not None:
+        ocfg.epochs = cfg.baselines.epochs
+
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(x)
+        return F.cross_entropy(logits, y), logits
+
+    return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
+               seed_parts=(0xF1A7,), device=device, desc="flat", progress=progress)
+
+
+def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,
+                       device: torch.device, progress: bool) -> dict[str, float]:
+    """Early fusion (Table IV): one N-way layer on the experts' concatenated features."""
+    from dmde.baselines import EarlyFusion
+    from dmde.checkpoint import save_checkpoint
+
+    torch.manual_seed(mix_seed(0xEA, n))
+    model = EarlyFusion(list(experts), n).to(device).eval()
+    feats = predict_logits(lambda x: torch.cat([e.features(x) for e in model.experts], 1), data, device=device,
+                           progress=progress, desc="features")
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    lin = nn.Linear(z.shape[1], n)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(mix_seed(0xEB, n))
+    for _ in range(cfg.baselines.early_fusion_epochs):
+        order = torch.randperm(len(z), generator=g)
+        for s in range(0, len(z), 256):
+            b = order[s : s + 256]
+            loss = F.cross_entropy(lin(z[b]), data.targets[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():  # fold the standardisation into the layer
+        w = lin.weight / sd
+        model.classifier.weight.copy_(w)
+        model.classifier.bias.copy_(lin.bias - w @ mu)
+    save_checkpoint(path, {"kind": "early_fusion", "model": model.classifier.state_dict()})
+    return {}
+
+
+def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> tuple[ImageTensors, int]:
+    """A dataset given by path (Tiny-ImageNet's official ``val/`` layout or zip, or an
+    ImageFolder), decoded at the run's input size and labelled by the run's ontology positions.
+    Returns the data and how many images belonged to classes the ontology does not have."""
+    from dmde import data as D
+    from dmde.ontology import Ontology
+    from dmde.wordnet import WordNet
+
+    run_dir, path = Path(run_dir), Path(path)
+    info = read_json(run_dir / "data.json", "run data summary")
+    onto = Ontology.from_json(run_dir / "ontology.json")
+    if not path.exists():
+        raise DmdeFileError(f"evaluation data {path} does not exist")
+    is_tiny = path.suffix == ".zip" or any((path / p).exists() for p in ("val/val_annotations.txt",
+                                                                         "tiny-imagenet-200/val"))
+    ds = D.TinyImageNet(path, split="val") if is_tiny else D.ImageFolder(path)
+    mem = D.materialize(ds, size=tuple(info["image_size"]), progress=False)
+    classes = list(mem.classes)
+    if not is_tiny:
+        from dmde.config import load_config
+
+        cfg = load_config(RunConfig, run_dir / "config.yaml")
+        classes = class_wnids(classes, WordNet.load(cfg.ontology.wordnet))
+    lut = torch.as_tensor([onto._pos.get(w, -1) for w in classes], dtype=torch.long)
+    y = lut[torch.as_tensor(mem.targets)]
+    keep = y >= 0
+    return ImageTensors(mem.images[keep], y[keep], mean=tuple(info["mean"]), std=tuple(info["std"])), int((~keep).sum())
+
+
+def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, nn.Module], Any]:
+    """Every trained model of a run, by name, for evaluation and prediction.
+
+    ``mixture_upsilon`` (argmax Υ), ``mixture_nway`` (+ trained N-way layer), ``mixture``
+    (fine-tuned end to end), ``flat`` and ``early_fusion`` when the run has them.
+    """
+    from dmde.checkpoint import load_checkpoint
+    from dmde.config import load_config
+    from dmde.ontology import Ontology
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise DmdeFileError(f"{run_dir} is not a dmde run directory (no config.yaml)")
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    onto = Ontology.from_json(run_dir / "ontology.json")
+    groups = load_groups(run_dir, onto)
+    n = onto.n_classes
+    models: dict[str, nn.Module] = {}
+    if (run_dir / "experts").is_dir():
+        experts = load_experts(run_dir, onto, groups)
+        models["mixture_upsilon"] = build_mixture(run_dir, cfg, experts, groups.groups, n, stage="upsilon")
+        if (run_dir / "fusion.pt").exists():
+            models["mixture_nway"] = build_mixture(run_dir, cfg, experts, groups.groups, n, stage="fusion")
+        if (run_dir / "mixture.pt").exists():
+            fresh = load_experts(run_dir, onto, groups)  # fine-tuning changed the experts: own copies
+            models["mixture"] = build_mixture(run_dir, cfg, fresh, groups.groups, n, stage="finetune")
+        if (run_dir / "early_fusion.pt").exists():
+            from dmde.baselines import EarlyFusion
+
+            ef = EarlyFusion(experts, n)
+            ef.classifier.load_state_dict(load_checkpoint(run_dir / "early_fusion.pt")["model"])
+            models["early_fusion"] = ef
+    if (run_dir / "flat.pt").exists():
+        state = load_checkpoint(run_dir / "flat.pt")
+        if state.get("ontology_hash") != onto.hash():
+            raise MismatchError(f"{run_dir / 'flat.pt'} was trained for another ontology")
+        flat = _flat_model(cfg, n, len(groups.groups))
+        flat.load_state_dict(state["model"])
+        models["flat"] = flat
+    for m in models.values():
+        m.to(device).eval()
+    return models, cfg

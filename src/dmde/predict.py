@@ -1,0 +1,114 @@
+"""Prediction with a trained run: ``dmde.load(run_dir).predict(images)``.
+
+Images are files (any Pillow format, any mode) or uint8 / float tensors (3, H, W); each is
+resized to the run's input size, normalised like the training data, and scored by the run's
+best model (the fine-tuned mixture when present, else the mixture with its N-way layer, else
+argmax Υ, else the flat baseline).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dmde.errors import DmdeFileError, DmdeValueError
+
+PREFERENCE = ("mixture", "mixture_nway", "mixture_upsilon", "flat", "early_fusion")
+
+
+@dataclass
+class Prediction:
+    wnid: str
+    lemma: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wnid": self.wnid, "lemma": self.lemma, "score": self.score}
+
+
+class Predictor:
+    """A run's model ready to score images."""
+
+    def __init__(self, model: torch.nn.Module, classes: Sequence[str], lemmas: Sequence[str],
+                 image_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], model_name: str,
+                 scores_are_probabilities: bool = False, device: str | torch.device = "cpu") -> None:
+        self.model = model.eval()
+        self.classes, self.lemmas = list(classes), list(lemmas)
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.model_name = model_name
+        self.scores_are_probabilities = scores_are_probabilities
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, model: str | None = None,
+                 device: str | torch.device = "cpu") -> "Predictor":
+        from dmde.io import read_json
+        from dmde.ontology import Ontology
+        from dmde.pipeline import load_models
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise DmdeFileError(f"run directory {run_dir} does not exist")
+        models, cfg = load_models(run_dir, device)
+        if not models:
+            raise DmdeValueError(f"run {run_dir} has no trained model yet")
+        name = model or next(n for n in PREFERENCE if n in models)
+        if name not in models:
+            raise DmdeValueError(f"run {run_dir} has no model {name!r}; it has {', '.join(models)}")
+        onto = Ontology.from_json(run_dir / "ontology.json")
+        info = read_json(run_dir / "data.json", "run data summary")
+        from dmde.training import ImageTensors
+
+        defaults = ImageTensors(torch.empty(0), torch.empty(0))
+        return cls(models[name], onto.classes, onto.lemmas, tuple(info["image_size"]),
+                   info.get("mean", defaults.mean), info.get("std", defaults.std), name,
+                   scores_are_probabilities=name == "mixture_upsilon", device=device)
+
+    def _load(self, image: Any) -> torch.Tensor:
+        from dmde.transforms import resize
+
+        if isinstance(image, torch.Tensor):
+            x = image
+            if x.dim() == 2:
+                x = x.unsqueeze(0)
+            if x.shape[0] == 1:
+                x = x.expand(3, -1, -1)
+            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        else:
+            from dmde.data import decode_image
+
+            p = Path(image)
+            if not p.is_file():
+                raise DmdeFileError(f"image {p} does not exist")
+            x = decode_image(p.read_bytes(), str(p)).float().div_(255.0)
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = resize(x, self.image_size)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def scores(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (B, N) in the ontology's order."""
+        out = []
+        for s in range(0, len(images), batch_size):
+            x = torch.stack([self._load(im) for im in images[s : s + batch_size]]).to(self.device)
+            y = self.model(x).float().cpu()
+            if self.scores_are_probabilities:  # Υ: normalise to sum to one
+                out.append(y / y.sum(1, keepdim=True).clamp_min(1e-12))
+            else:
+                out.append(torch.softmax(y, 1))
+        return torch.cat(out)
+
+    def predict(self, images: Sequence[Any], top_k: int = 5) -> list[list[Prediction]]:
+        """The ``top_k`` classes of every image, best first."""
+        if top_k < 1:
+            raise DmdeValueError(f"top-k must be at least 1, got {top_k}")
+        probs = self.scores(list(images))
+        k = min(top_k, probs.shape[1])
+        val, idx = probs.topk(k, dim=1)
+        return [[Prediction(self.classes[i], self.lemmas[i], float(v)) for v, i in zip(vr.tolist(), ir.tolist())]
+                for vr, ir in zip(val, idx)]

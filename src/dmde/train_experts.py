@@ -1,0 +1,268 @@
+"""Training the base experts (§IV-B) with deep multi-task learning (Eqs. 2–6).
+
+Expert j sees its group's images (labels 0..M_j−1) plus a fresh not-in-group sample every
+epoch (label M_j, :mod:`dmde.group_view`), and minimises the multi-task loss of
+:mod:`dmde.multitask` with the visual similarity S of :mod:`dmde.similarity` recomputed from
+its own features every ``similarity_every`` epochs.
+
+Every random draw of expert j's epoch e comes from a generator seeded by (seed, j, e), so a
+run resumed at an epoch boundary equals an uninterrupted one, and an expert trained on rank r
+of a torchrun job equals the same expert trained by a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmde.checkpoint import check_expert_checkpoint, load_checkpoint
+from dmde.config import from_dict, to_dict
+from dmde.errors import DmdeValueError
+from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits, prepare_inputs
+
+
+@dataclass
+class ExpertsConfig(OptimConfig):
+    """One expert's model and training (shared by all experts of a run)."""
+
+    backbone: str = "small_cnn"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    multitask: bool = True  # False: plain linear head and delta1 = delta2 = 0 (ablation)
+    not_in_group: bool = True  # False: M_j outputs only (ablation "w/o not-in-group")
+    mu: float = 1.0  # weight of the cross-entropy (Eq. 6)
+    delta1: float = 1e-4  # weight of sum_k ||W_k||^2
+    delta2: float = 1e-3  # weight of Tr(W L W^T)
+    similarity_every: int = 1  # recompute S from the expert's own features every k epochs (0: never)
+    similarity_per_class: int = 32  # images per class used to estimate S (Eq. 3)
+    not_in_group_ratio: float = 1.0  # not-in-group images per in-group image, redrawn each epoch
+
+
+def expert_features(expert: nn.Module, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
+    """Penultimate features; from cached trunk features only the trainable body runs."""
+    if kind == "features":
+        return expert.backbone.body(x)
+    return expert.backbone(x)
+
+
+def expert_logits(expert: nn.Module, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
+    return expert.head(expert_features(expert, x, kind))
+
+
+def build_expert(cfg: ExpertsConfig, n_classes: int) -> nn.Module:
+    from dmde.backbones import create_backbone
+    from dmde.expert import Expert
+
+    backbone = create_backbone(cfg.backbone, **cfg.backbone_kwargs)
+    return Expert(backbone, n_classes, not_in_group=cfg.not_in_group, multitask=cfg.multitask)
+
+
+@torch.no_grad()
+def compute_similarity(
+    expert: nn.Module,
+    data: ImageTensors,
+    group: Sequence[int],
+    per_class: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """S (M_j, M_j) of Eq. 3 from the expert's current features on a per-class subsample."""
+    from dmde.similarity import visual_similarity
+
+    chosen, labels = [], []
+    for k, p in enumerate(group):
+        members = torch.nonzero(data.targets == int(p), as_tuple=False).flatten()
+        take = members[torch.randperm(members.numel(), generator=generator)[:per_class]]
+        chosen.append(take)
+        labels.append(torch.full((take.numel(),), k, dtype=torch.long))
+    idx = torch.cat(chosen)
+    if idx.numel() == 0:
+        return torch.zeros(len(group), len(group))
+    was_training = expert.training
+    expert.eval()
+    feats = predict_logits(lambda x: expert_features(expert, x, data.kind), data.subset(idx), device=device)
+    expert.train(was_training)
+    return visual_similarity(feats, torch.cat(labels), len(group), per_class=per_class)
+
+
+def group_labels(targets: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """Ontology positions -> expert labels: k for the group's k-th class, −1 outside."""
+    size = int(max(int(targets.max()) if targets.numel() else 0, max(group))) + 1
+    lut = torch.full((size,), -1, dtype=torch.long)
+    lut[torch.as_tensor(list(group), dtype=torch.long)] = torch.arange(len(group))
+    return lut[targets]
+
+
+@torch.no_grad()
+def evaluate_expert(expert: nn.Module, data: ImageTensors, group: Sequence[int],
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 on the in-group images among the M_j classes (Table II), and how often an
+    image from outside the group is called "not in group"."""
+    expert.eval()
+    logits = predict_logits(lambda x: expert_logits(expert, x, data.kind), data, device=device)
+    y = group_labels(data.targets, group)
+    m = len(group)
+    inside = y >= 0
+    out: dict[str, float] = {"group_top1": float((logits[inside, :m].argmax(1) == y[inside]).float().mean())
+                             if inside.any() else 0.0}
+    if logits.shape[1] > m and (~inside).any():
+        out["not_in_group_recall"] = float((logits[~inside].argmax(1) == m).float().mean())
+    return out
+
+
+def expert_path(out_dir: str | os.PathLike, j: int) -> Path:
+    return Path(out_dir) / f"expert_{j:03d}.pt"
+
+
+def train_expert(
+    j: int,
+    group: Sequence[int],
+    group_wnids: Sequence[str],
+    train: ImageTensors,
+    cfg: ExpertsConfig,
+    out_dir: str | os.PathLike,
+    ontology_hash: str,
+    holdout: ImageTensors | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    init_similarity: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) expert ``j``; returns its last metrics.
+
+    Writes ``expert_{j}.pt`` after every epoch and a line per epoch to ``expert_{j}.jsonl``.
+    """
+    from dmde.group_view import GroupView
+    from dmde.multitask import multitask_loss
+
+    if len(group) < 1:
+        raise DmdeValueError(f"task group {j} is empty")
+    path = expert_path(out_dir, j)
+    if path.exists():  # refuse a checkpoint of another ontology or group before building anything
+        check_expert_checkpoint(load_checkpoint(path), ontology_hash, group_wnids, where=str(path))
+    torch.manual_seed(mix_seed(cfg.seed, j, 0xE))  # initial weights depend on (seed, j) only
+    expert = build_expert(cfg, len(group)).to(device)
+    ratio = cfg.not_in_group_ratio if cfg.not_in_group else 0.0
+    view = GroupView(train.targets.tolist(), list(group), ratio=ratio, seed=mix_seed(cfg.seed, j))
+    sim: dict[str, torch.Tensor | None] = {"S": None}
+    use_s = cfg.multitask and cfg.delta2 > 0
+
+    def epoch_samples(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, labels = view.epoch(e)
+        return torch.as_tensor(idx, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+
+    def on_epoch_start(e: int, gen: torch.Generator) -> None:
+        if not use_s:
+            return
+        if sim["S"] is None or (cfg.similarity_every > 0 and e % cfg.similarity_every == 0):
+            if e == 0 and init_similarity is not None:
+                sim["S"] = init_similarity.clone()
+            else:
+                sim["S"] = compute_similarity(expert, train, group, cfg.similarity_per_class, gen, device)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = expert_logits(model, x, train.kind)
+        if not cfg.multitask:
+            return F.cross_entropy(logits, y), logits
+        S = sim["S"].to(logits.device) if sim["S"] is not None else None
+        loss = multitask_loss(logits, y, model.head.class_weights, S, mu=cfg.mu, delta1=cfg.delta1,
+                              delta2=cfg.delta2 if S is not None else 0.0)
+        return loss, logits
+
+    def restore(state: dict[str, Any]) -> None:
+        sim["S"] = state.get("similarity")
+
+    metrics = fit(
+        expert, train, cfg, loss_fn, path,
+        epoch_samples=epoch_samples,
+        on_epoch_start=on_epoch_start,
+        extra_state=lambda: {"similarity": sim["S"], "config": to_dict(cfg), "kind": "expert", "expert": j,
+                             "group": [int(p) for p in group]},
+        restore_extra=restore,
+        evaluate=(lambda m: {f"holdout_{k}": v for k, v in evaluate_expert(m, holdout, group, device).items()})
+        if holdout is not None and len(holdout) else None,
+        identity={"ontology_hash": ontology_hash, "group_wnids": list(group_wnids)},
+        seed_parts=(j,),
+        device=device,
+        desc=f"expert {j}",
+        progress=progress,
+        stop_after_epoch=stop_after_epoch,
+    )
+    return {"expert": j, **metrics}
+
+
+def load_expert(path: str | os.PathLike, ontology_hash: str | None = None,
+                group_wnids: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained expert from its checkpoint (refusing one for another ontology/group)."""
+    state = load_checkpoint(path)
+    if ontology_hash is not None:
+        check_expert_checkpoint(state, ontology_hash, group_wnids, where=str(path))
+    cfg = from_dict(ExpertsConfig, state["config"])
+    expert = build_expert(cfg, len(state["group"]))
+    expert.load_state_dict(state["model"])
+    expert.eval()
+    return expert, state
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def dist_context() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # Share the machine's cores between the ranks on it instead of oversubscribing.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def my_share(items: Sequence[int], rank: int, world: int) -> list[int]:
+    """Experts are spread round-robin over the ranks: rank r trains items r, r+P, r+2P, ..."""
+    return [it for k, it in enumerate(items) if k % world == rank]
+
+
+def train_all_experts(
+    groups: Sequence[Sequence[int]],
+    groups_wnids: Sequence[Sequence[str]],
+    train: ImageTensors,
+    cfg: ExpertsConfig,
+    out_dir: str | os.PathLike,
+    ontology_hash: str,
+    holdout: ImageTensors | None = None,
+    only: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    on_expert_done: Callable[[int, dict], None] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Train every group's expert (or those in ``only``), this rank's share under torchrun."""
+    selected = list(range(len(groups))) if only is None else list(only)
+    for j in selected:
+        if not 0 <= j < len(groups):
+            raise DmdeValueError(f"group {j} does not exist (the run has {len(groups)} groups)")
+    rank, world = dist_context()
+    results = {}
+    for j in my_share(selected, rank, world):
+        results[j] = train_expert(j, groups[j], groups_wnids[j], train, cfg, out_dir, ontology_hash,
+                                  holdout=holdout, device=device, progress=progress)
+        if on_expert_done:
+            on_expert_done(j, results[j])
+    barrier()
+    return results

@@ -1,0 +1,247 @@
+"""The one epoch loop every trained stage uses (experts, flat baseline, early fusion,
+end-to-end fine-tuning): in-memory data, per-batch augmentation, a cosine schedule,
+a checkpoint after every epoch (atomic), ``--resume`` from the last completed epoch, and a
+JSONL line per epoch.
+
+Every random draw of epoch e comes from a generator seeded by (seed, e), so resuming at an
+epoch boundary gives the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from dmde.checkpoint import load_checkpoint, save_checkpoint
+from dmde.errors import DmdeValueError, MismatchError
+from dmde.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class OptimConfig:
+    """How a stage trains: epochs, batch size, optimiser and schedule, augmentation."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    augment: bool = True  # random crop with padding + horizontal flip, per batch
+    crop_padding: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ImageTensors:
+    """Decoded images of one split, in memory: the data path is a tensor index, never a decoder.
+
+    ``inputs`` is uint8 (n, 3, H, W) images, or float (n, C, h, w) cached trunk features when
+    ``kind == 'features'``; ``targets`` are ontology positions 0..N−1.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    kind: str = "images"  # images | features
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __len__(self) -> int:
+        return int(self.targets.numel())
+
+    def subset(self, idx: torch.Tensor) -> "ImageTensors":
+        return ImageTensors(self.inputs[idx], self.targets[idx], self.kind, self.mean, self.std)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (FNV-1a style), stable across runs and processes."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def prepare_inputs(
+    data: ImageTensors,
+    idx: torch.Tensor,
+    augment: bool = False,
+    padding: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Gather a batch and turn it into model input: float, augmented, normalised."""
+    from dmde.transforms import normalize, random_crop_with_padding, random_horizontal_flip
+
+    x = data.inputs[idx].to(device, non_blocking=True)
+    if data.kind == "features":
+        return x.float()
+    x = x.float().div_(255.0)  # (B, 3, H, W)
+    if augment:
+        x = random_horizontal_flip(x, generator=generator)
+        if padding > 0:
+            x = random_crop_with_padding(x, padding, generator=generator)
+    return normalize(x, data.mean, data.std)
+
+
+def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise DmdeValueError(f"unknown optimizer {cfg.optimizer!r} (use sgd or adamw)")
+
+
+def lr_at(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to zero over the whole run."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+EpochSamples = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def fit(
+    model: nn.Module,
+    data: ImageTensors,
+    cfg: OptimConfig,
+    loss_fn: LossFn,
+    ckpt_path: str | os.PathLike,
+    epoch_samples: EpochSamples | None = None,
+    on_epoch_start: Callable[[int, torch.Generator], None] | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    identity: dict[str, Any] | None = None,
+    seed_parts: Sequence[int] = (),
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    params: Sequence[nn.Parameter] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs``, resuming from ``ckpt_path`` when it exists.
+
+    ``loss_fn(model, x, y) -> (loss, logits)``; ``epoch_samples(e) -> (indices, labels)``
+    (default: every sample with its target); ``identity`` is stored in the checkpoint and
+    must match on resume (e.g. the ontology hash). Returns the last epoch's metrics.
+    ``stop_after_epoch`` simulates a crash, for tests.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    path = Path(ckpt_path)
+    log_path = path.with_suffix(".jsonl")
+    identity = dict(identity or {})
+    if epoch_samples is None:
+        all_idx = torch.arange(len(data))
+
+        def epoch_samples(_e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return all_idx, data.targets
+
+    optimizer = make_optimizer(cfg, params if params is not None else model.parameters())
+    start, metrics = 0, {}
+    if path.exists():
+        state = load_checkpoint(path)
+        for k, v in identity.items():
+            if state.get(k) != v:
+                raise MismatchError(f"checkpoint {path} has {k}={state.get(k)!r}, this run expects {v!r}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["epoch"])
+        metrics = state.get("metrics", {})
+        if restore_extra is not None:
+            restore_extra(state)
+        if start >= cfg.epochs:
+            return metrics
+    _truncate_log(log_path, start)
+
+    sizes = [int(epoch_samples(e)[0].numel()) for e in range(cfg.epochs)]
+    steps = [max(1, math.ceil(n / cfg.batch_size)) for n in sizes]
+    total, step = sum(steps), sum(steps[:start])
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, *seed_parts, epoch))
+        torch.manual_seed(mix_seed(cfg.seed, *seed_parts, epoch, 1))  # dropout and friends
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, gen)
+        idx, labels = epoch_samples(epoch)
+        order = torch.randperm(idx.numel(), generator=gen)
+        idx, labels = idx[order], labels[order]
+        model.train()
+        tot_loss = 0.0
+        correct = seen = 0
+        bar = tqdm(range(0, idx.numel(), cfg.batch_size), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False, mininterval=1.0)
+        for s in bar:
+            y = labels[s : s + cfg.batch_size].to(device)
+            x = prepare_inputs(data, idx[s : s + cfg.batch_size], cfg.augment, cfg.crop_padding, gen, device)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(cfg, step, total, steps[epoch])
+            loss, logits = loss_fn(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n = y.numel()
+            tot_loss += float(loss.detach()) * n
+            if logits is not None:  # a loss may not expose its logits (e.g. the mixture's)
+                correct += int((logits.detach().argmax(1) == y).sum())
+            seen += n
+            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "train_loss": tot_loss / max(1, seen), "train_acc": correct / max(1, seen),
+                   "images": seen, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        if evaluate is not None:
+            metrics.update(evaluate(model))
+        state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "metrics": metrics, **identity}
+        if extra_state is not None:
+            state.update(extra_state())
+        save_checkpoint(path, state)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    return metrics
+
+
+def _truncate_log(log_path: Path, epochs: int) -> None:
+    """Keep the first ``epochs`` lines: lines past the last checkpoint came from a crash."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines()[:epochs]
+    log_path.write_text("".join(line + "\n" for line in lines))
+
+
+@torch.no_grad()
+def predict_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    data: ImageTensors,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
+    """``forward`` over every sample of ``data`` (no augmentation), outputs stacked on the CPU."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    for s in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = torch.arange(s, min(len(data), s + batch_size))
+        outs.append(forward(prepare_inputs(data, idx, device=device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
