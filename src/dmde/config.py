@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 from dmde.errors import DmdeFileError, DmdeValueError
-from dmde.io import sha256_of
+from dmde.io import sha256_of, write_text
 
 T = TypeVar("T")
 
@@ -124,11 +124,7 @@ def load_config(
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(obj: Any) -> str:

@@ -26,13 +26,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write ``text``; an identical file is left untouched (its mtime too)."""
+    p = Path(path)
+    if p.is_file() and p.read_text() == text:
+        return
+
     def _w(tmp: str) -> None:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
+            fh.write(text)
 
-    atomic_write(path, _w)
+    atomic_write(p, _w)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -126,6 +126,42 @@ OUTPUTS = {
 }
 
 
+def validate(cfg: RunConfig) -> None:
+    """Check every setting before any work starts, naming the offending key."""
+    def bad(key: str, value: Any, want: str) -> None:
+        raise DmdeValueError(f"{key}={value!r} {want}")
+
+    choices = {
+        "data.dataset": (cfg.data.dataset, ("fashion_mnist", "tiny_imagenet", "imagefolder", "synthetic")),
+        "groups.assignment": (cfg.groups.assignment, ("semantic", "random", "visual")),
+        "fusion.stacking": (cfg.fusion.stacking, ("eq7", "eq7_log", "stack2", "sum")),
+        "fusion.nway": (cfg.fusion.nway, ("dense", "lowrank", "none")),
+        "fusion.input": (cfg.fusion.input, ("log", "upsilon")),
+        "experts.optimizer": (cfg.experts.optimizer, ("sgd", "adamw")),
+        "fusion.finetune.optimizer": (cfg.fusion.finetune.optimizer, ("sgd", "adamw")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            bad(key, value, f"is not one of {', '.join(allowed)}")
+    if not 0.0 <= float(cfg.groups.overlap) < 1.0:
+        bad("groups.overlap", cfg.groups.overlap, "must lie in [0, 1)")
+    if int(cfg.groups.size) < 1:
+        bad("groups.size", cfg.groups.size, "must be at least 1")
+    if cfg.ontology.categories is not None and int(cfg.ontology.categories) < 1:
+        bad("ontology.categories", cfg.ontology.categories, "must be at least 1")
+    for key, value in (("experts.epochs", cfg.experts.epochs), ("data.holdout_per_class", cfg.data.holdout_per_class),
+                       ("data.fusion_per_class", cfg.data.fusion_per_class), ("fusion.epochs", cfg.fusion.epochs),
+                       ("fusion.finetune.epochs", cfg.fusion.finetune.epochs)):
+        if int(value) < 0:
+            bad(key, value, "must not be negative")
+    for key, value in (("experts.batch_size", cfg.experts.batch_size), ("fusion.batch_size", cfg.fusion.batch_size)):
+        if int(value) < 1:
+            bad(key, value, "must be at least 1")
+    if cfg.experts.not_in_group is False and cfg.fusion.stacking != "sum":
+        bad("fusion.stacking", cfg.fusion.stacking, "needs not-in-group outputs; use stacking=sum with "
+            "experts.not_in_group=false")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -311,6 +347,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
 
     if until is not None and until not in STAGES:
         raise DmdeValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    validate(cfg)
     run = Run(run_dir, cfg)
     rank, world = dist_context()
     device = resolve_device(cfg.device)
@@ -498,7 +535,7 @@ def build_mixture(run_dir: Path, cfg: RunConfig, experts: Sequence[nn.Module], g
     f = cfg.fusion
     nway = None
     if stage != "upsilon" and f.nway != "none":
-        nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=f.input)
+        nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
         if (run_dir / "fusion.pt").exists():
             nway.load_state_dict(load_checkpoint(run_dir / "fusion.pt")["model"])
     mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, nway=nway,
@@ -507,6 +544,11 @@ def build_mixture(run_dir: Path, cfg: RunConfig, experts: Sequence[nn.Module], g
         mixture.load_state_dict(load_checkpoint(run_dir / "mixture.pt")["model"])
     mixture.eval()
     return mixture
+
+
+def nway_input(f: FusionConfig) -> str:
+    """The log-odds variant already yields log Υ: the N-way layer takes it as it is."""
+    return "upsilon" if f.stacking == "eq7_log" else f.input
 
 
 def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]], n: int,
@@ -519,7 +561,7 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
     mixture.to(device).eval()
     ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ")  # (n_img, N)
     torch.manual_seed(mix_seed(0xF0, n))
-    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=f.input)
+    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
     init = {k: v.clone() for k, v in nway.state_dict().items()}
     opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
     g = torch.Generator().manual_seed(mix_seed(0xF1, n))

@@ -65,7 +65,8 @@ class Predictor:
         defaults = ImageTensors(torch.empty(0), torch.empty(0))
         return cls(models[name], onto.classes, onto.lemmas, tuple(info["image_size"]),
                    info.get("mean", defaults.mean), info.get("std", defaults.std), name,
-                   scores_are_probabilities=name == "mixture_upsilon", device=device)
+                   scores_are_probabilities=name == "mixture_upsilon" and cfg.fusion.stacking != "eq7_log",
+                   device=device)
 
     def _load(self, image: Any) -> torch.Tensor:
         from dmde.transforms import resize

@@ -17,11 +17,11 @@ def synthetic_images(
     noise: float = 0.25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (n_classes·per_class, 3, size, size), targets (n,)) with learnable classes."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the noise; a class's look depends on its id alone
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     images, targets = [], []
     for c in range(n_classes):
-        hue = torch.rand(3, generator=g) * 0.8 + 0.1  # (3,) class colour
+        hue = torch.rand(3, generator=torch.Generator().manual_seed(7919 * c + 1)) * 0.8 + 0.1  # (3,)
         angle = math.pi * c / max(1, n_classes)
         freq = 2.0 + (c % 3)
         stripes = torch.sin(freq * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)))  # (H, W)

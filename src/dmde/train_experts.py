@@ -86,15 +86,7 @@ def compute_similarity(
     expert.eval()
     feats = predict_logits(lambda x: expert_features(expert, x, data.kind), data.subset(idx), device=device)
     expert.train(was_training)
-    return visual_similarity(feats, torch.cat(labels), len(group), per_class=per_class)
-
-
-def group_labels(targets: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
-    """Ontology positions -> expert labels: k for the group's k-th class, −1 outside."""
-    size = int(max(int(targets.max()) if targets.numel() else 0, max(group))) + 1
-    lut = torch.full((size,), -1, dtype=torch.long)
-    lut[torch.as_tensor(list(group), dtype=torch.long)] = torch.arange(len(group))
-    return lut[targets]
+    return visual_similarity(feats, torch.cat(labels), len(group), per_class=per_class, generator=generator)
 
 
 @torch.no_grad()
@@ -103,10 +95,12 @@ def evaluate_expert(expert: nn.Module, data: ImageTensors, group: Sequence[int],
     """Top-1 on the in-group images among the M_j classes (Table II), and how often an
     image from outside the group is called "not in group"."""
     expert.eval()
+    from dmde.group_view import group_labels
+
     logits = predict_logits(lambda x: expert_logits(expert, x, data.kind), data, device=device)
-    y = group_labels(data.targets, group)
     m = len(group)
-    inside = y >= 0
+    y = torch.as_tensor(group_labels(data.targets.numpy(), group))  # m = outside the group
+    inside = y < m
     out: dict[str, float] = {"group_top1": float((logits[inside, :m].argmax(1) == y[inside]).float().mean())
                              if inside.any() else 0.0}
     if logits.shape[1] > m and (~inside).any():
@@ -152,8 +146,8 @@ def train_expert(
     use_s = cfg.multitask and cfg.delta2 > 0
 
     def epoch_samples(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, labels = view.epoch(e)
-        return torch.as_tensor(idx, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+        view.set_epoch(e)
+        return torch.as_tensor(view.indices, dtype=torch.long), torch.as_tensor(view.labels, dtype=torch.long)
 
     def on_epoch_start(e: int, gen: torch.Generator) -> None:
         if not use_s:

@@ -1,0 +1,61 @@
+"""``torchrun --nproc-per-node 2 -m dmde train-experts``: experts spread over two gloo ranks
+write every checkpoint, identical to those of a single process."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmde.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+CONFIG = {
+    "data": {"dataset": "synthetic", "image_size": 12, "synthetic_per_class": 20, "holdout_per_class": 4},
+    "ontology": {"categories": 3},
+    "groups": {"size": 4, "overlap": 0.5},
+    "experts": {"backbone": "small_cnn", "backbone_kwargs": {"width": 8}, "epochs": 1, "batch_size": 32,
+                "similarity_per_class": 4},
+    "progress": False,
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per process in both runs: the same arithmetic, hence bit-identical weights.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def test_two_gloo_ranks_write_the_same_experts_as_one_process(tmp_path, real_wordnet_dir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    one = subprocess.run([sys.executable, "-m", "dmde", "train-experts", "--config", str(cfg),
+                          "--out", str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "dmde", "train-experts",
+                          "--config", str(cfg), "--out", str(tmp_path / "two")],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = sorted(p.name for p in (tmp_path / "one" / "experts").glob("expert_*.pt"))
+    b = sorted(p.name for p in (tmp_path / "two" / "experts").glob("expert_*.pt"))
+    assert a == b == [f"expert_{j:03d}.pt" for j in range(5)]
+    # each rank wrote its own share (round-robin: rank 0 → 0, 2, 4; rank 1 → 1, 3)
+    assert (tmp_path / "two" / "experts" / "metrics_rank0.json").exists()
+    assert (tmp_path / "two" / "experts" / "metrics_rank1.json").exists()
+    for name in a:
+        sa = load_checkpoint(tmp_path / "one" / "experts" / name)["model"]
+        sb = load_checkpoint(tmp_path / "two" / "experts" / name)["model"]
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name

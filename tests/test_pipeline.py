@@ -1,0 +1,211 @@
+"""The whole pipeline on synthetic images: stages, caching, resume, evaluate, predict."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import dmde
+from dmde.checkpoint import load_checkpoint
+from dmde.cli import main
+from dmde.config import load_config
+from dmde.pipeline import RunConfig, train
+
+TINY = {
+    "data": {"dataset": "synthetic", "image_size": 12, "synthetic_per_class": 30, "holdout_per_class": 6,
+             "fusion_per_class": 4, "seed": 0},
+    "ontology": {"categories": 3},
+    "groups": {"size": 4, "overlap": 0.5},
+    "experts": {"backbone": "small_cnn", "backbone_kwargs": {"width": 8}, "epochs": 2, "batch_size": 32,
+                "similarity_per_class": 4},
+    "fusion": {"epochs": 5, "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.002}},
+    "baselines": {"flat": True, "early_fusion": True, "early_fusion_epochs": 5},
+    "progress": False,
+}
+
+
+def tiny_config(tmp_path: Path, **over) -> tuple[RunConfig, Path]:
+    data = json.loads(json.dumps(TINY))
+    for k, v in over.items():
+        data[k].update(v) if isinstance(v, dict) else data.__setitem__(k, v)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(RunConfig, path), path
+
+
+def checkpoints(run: Path) -> dict[str, dict]:
+    return {p.relative_to(run).as_posix(): load_checkpoint(p) for p in sorted(run.rglob("*.pt"))}
+
+
+def same_models(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        ma, mb = a[name]["model"], b[name]["model"]
+        if ma.keys() != mb.keys() or not all(torch.equal(ma[k], mb[k]) for k in ma):
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, real_wordnet_dir):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg, path = tiny_config(tmp)
+    metrics = train(tmp / "run", cfg)
+    return tmp / "run", metrics, path
+
+
+def test_pipeline_trains_every_model(finished_run):
+    run, metrics, _ = finished_run
+    assert set(metrics) == {"mixture_upsilon", "mixture_nway", "mixture", "flat", "early_fusion"}
+    for m in metrics.values():
+        assert 0.0 <= m["top1"] <= m["top2"] <= m["top5"] <= m["top10"] == 1.0  # N = 10
+        assert m["n_images"] == 60
+    # synthetic classes are easy: every model is far above chance (10%)
+    assert metrics["mixture"]["top1"] > 0.5 and metrics["flat"]["top1"] > 0.5
+    for name in ("config.yaml", "stages.json", "data.json", "ontology.json", "groups.json", "fusion.pt",
+                 "mixture.pt", "flat.pt", "early_fusion.pt", "metrics.json", "per_class.csv", "per_class.png"):
+        assert (run / name).exists(), name
+    groups = json.loads((run / "groups.json").read_text())
+    assert len(list((run / "experts").glob("expert_*.pt"))) == 5  # N=10, M=4, λ=0.5 → 5 groups
+    stages = json.loads((run / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("ontology", "groups", "experts", "fusion", "finetune", "flat",
+                                           "early_fusion", "evaluate"))
+    assert groups  # parsed
+
+
+def test_rerun_of_a_finished_run_trains_nothing(finished_run):
+    run, metrics, path = finished_run
+    stages = json.loads((run / "stages.json").read_text())
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    again = train(run, load_config(RunConfig, path))
+    assert again == metrics
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    changed = sorted(p.name for p in after if after[p] != before.get(p))
+    assert changed == []  # not a checkpoint, not a log, not a summary rewritten
+    assert json.loads((run / "stages.json").read_text()) == stages
+
+
+def test_a_changed_setting_redoes_only_dependent_stages(finished_run, tmp_path):
+    run, _, path = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.pt")}
+    cfg = load_config(RunConfig, path, ["fusion.epochs=2"])
+    train(copy, cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.pt")}
+    assert after["expert_000.pt"] == before["expert_000.pt"]
+    assert after["flat.pt"] == before["flat.pt"]
+    assert after["fusion.pt"] != before["fusion.pt"]
+    assert after["mixture.pt"] != before["mixture.pt"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
+    run, metrics, path = finished_run
+    import dmde.training as training
+
+    real = training.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_three(p, state):
+        real(p, state)
+        calls["n"] += 1
+        if calls["n"] == 3:  # expert 1's first epoch is on disk, the rest is not
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", load_config(RunConfig, path))
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert not stages["experts"]["done"]
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    resumed = train(tmp_path / "run", load_config(RunConfig, path))
+    assert resumed == metrics
+    assert same_models(checkpoints(run), checkpoints(tmp_path / "run"))
+
+
+def test_experts_of_another_ontology_are_refused(finished_run, tmp_path, capsys):
+    run, _, path = finished_run
+    other = tmp_path / "other"
+    cfg = load_config(RunConfig, path, ["ontology.seed=5", "ontology.categories=2"])
+    train(other, cfg, until="groups")
+    shutil.copytree(run / "experts", other / "experts")
+    assert main(["evaluate", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dmde: error:") and "ontology" in err and "\n" not in err
+
+
+def test_evaluate_command(finished_run, capsys):
+    run, metrics, _ = finished_run
+    assert main(["evaluate", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mixture"]["top1"] == pytest.approx(metrics["mixture"]["top1"])
+    csv = (run / "per_class.csv").read_text().splitlines()
+    assert csv[0].startswith("position,wnid,lemma,") and len(csv) == 11
+
+
+def test_evaluate_on_an_image_folder(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    from dmde.synthetic import synthetic_images
+
+    wnids = json.loads((run / "data.json").read_text())["classes"]
+    x, y = synthetic_images(10, 3, size=12, seed=99)
+    for i, (img, t) in enumerate(zip(x, y)):
+        d = tmp_path / "folder" / wnids[int(t)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "folder"), "--json",
+                 "--out", str(tmp_path / "ev")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mixture"]["n_images"] == 30
+    assert (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_predict_api_and_command(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    from dmde.synthetic import synthetic_images
+
+    x, y = synthetic_images(10, 1, size=12, seed=5)
+    files = []
+    for i, img in enumerate(x[:3]):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).convert("L").save(f)  # greyscale input works too
+        files.append(str(f))
+    pred = dmde.load(run)
+    assert pred.model_name == "mixture"
+    res = pred.predict(files, top_k=3)
+    assert len(res) == 3 and all(len(r) == 3 for r in res)
+    assert all(r[0].score >= r[1].score >= r[2].score for r in res)
+    assert main(["predict", str(run), *files, "--top-k", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["image"] == files[0] and len(out[0]["top"]) == 2
+    assert set(out[0]["top"][0]) == {"wnid", "lemma", "score"}
+    # tensors work as input and agree with files of the same pixels
+    t = pred.predict([x[0]], top_k=1)[0][0]
+    assert t.wnid in json.loads((run / "data.json").read_text())["classes"]
+
+
+def test_predict_names_a_missing_or_corrupt_file(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["predict", str(run), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and err.count("\n") == 1
+    assert main(["predict", str(run), str(tmp_path / "nope.png")]) == 2
+    assert "nope.png" in capsys.readouterr().err
+
+
+def test_bad_config_is_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "groups.overlap=1.5", "data.dataset=synthetic",
+                 "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "1.5" in err and err.count("\n") == 1
+    assert main(["train", "--out", str(tmp_path / "r"), "experts.nope=1"]) == 2
+    assert "experts.nope" in capsys.readouterr().err
