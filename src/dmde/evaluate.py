@@ -92,7 +92,7 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
     """Evaluate every model of a run on ``data`` (default: the run's own hold-out split) and
     write ``metrics.json``, ``per_class.csv`` and ``per_class.png`` (into ``out_dir`` or the run)."""
     from dmde.ontology import Ontology
-    from dmde.pipeline import load_models, load_splits
+    from dmde.pipeline import load_models, prepare_splits
     from dmde.plots import plot_per_class
 
     run_dir = Path(run_dir)
@@ -101,8 +101,9 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
     if data is None:
         from dmde.wordnet import WordNet
 
-        splits = load_splits(cfg.data, WordNet.load(cfg.ontology.wordnet), progress=progress)
-        data = splits.align(np.asarray([onto._pos.get(w, -1) for w in splits.classes])).holdout
+        splits = prepare_splits(cfg, WordNet.load(cfg.ontology.wordnet), progress=progress, cache_dir=run_dir,
+                                device=device)
+        data = splits.align(onto.positions_or(splits.classes)).holdout
     dist = class_distances(onto.classes, cfg.ontology.wordnet)
     metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress)
     out = Path(out_dir) if out_dir is not None else run_dir

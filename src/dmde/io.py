@@ -11,6 +11,10 @@ from typing import Any, Callable
 from dmde.errors import DmdeFileError, DmdeValueError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
     p = Path(path)
@@ -19,6 +23,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

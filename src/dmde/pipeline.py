@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmde.config import config_hash, save_config, to_dict
+from dmde.config import config_hash, from_dict, save_config, to_dict
 from dmde.errors import DmdeFileError, DmdeValueError, MismatchError
 from dmde.io import read_json, write_json
 from dmde.train_experts import ExpertsConfig
@@ -265,6 +265,61 @@ def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Split
     return Splits(classes, part(rest), part(fusion), part(hold))
 
 
+def backbone_normalisation(cfg: ExpertsConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean/std the experts' backbone expects (0.5 for EfficientNet-Lite0)."""
+    from dmde.backbones import create_backbone
+
+    kw = {k: v for k, v in cfg.backbone_kwargs.items() if k != "pretrained"}  # no weights needed
+    b = create_backbone(cfg.backbone, **kw)
+    return tuple(b.input_mean), tuple(b.input_std)
+
+
+def trunk_module(cfg: ExpertsConfig) -> nn.Module:
+    """The experts' frozen trunk (pretrained weights when configured), images → feature maps."""
+    from dmde.backbones import create_backbone
+
+    return create_backbone(cfg.backbone, **cfg.backbone_kwargs).trunk.eval()
+
+
+@torch.no_grad()
+def to_trunk_features(data: ImageTensors, trunk: nn.Module, device: torch.device | str = "cpu",
+                      progress: bool = False) -> ImageTensors:
+    """Run the frozen trunk once over ``data``: later stages train only the backbone's body."""
+    feats = predict_logits(trunk, data, device=device, progress=progress, desc="trunk")
+    return ImageTensors(feats.to(torch.float16), data.targets, "features", data.mean, data.std)
+
+
+def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Path | None = None,
+                   device: torch.device | str = "cpu") -> Splits:
+    """The run's splits as its models consume them: normalised for the experts' backbone, and
+    passed through the frozen trunk once (cached in ``cache_dir``) when the trunk is cached."""
+    from dmde.train_experts import uses_cached_trunk
+
+    splits = load_splits(cfg.data, wn, progress=progress)
+    mean, std = backbone_normalisation(cfg.experts)
+    for part in (splits.train, splits.fusion, splits.holdout):
+        part.mean, part.std = mean, std
+    if not uses_cached_trunk(cfg.experts):
+        return splits
+    key = config_hash([to_dict(cfg.data), cfg.experts.backbone, cfg.experts.backbone_kwargs])
+    path = cache_dir / f"trunk_{key}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        from dmde.checkpoint import load_checkpoint
+
+        st = load_checkpoint(path)
+        parts = [ImageTensors(st[f"{n}_inputs"], st[f"{n}_targets"], "features", mean, std)
+                 for n in ("train", "fusion", "holdout")]
+        return Splits(splits.classes, *parts)
+    trunk = trunk_module(cfg.experts).to(device)
+    parts = [to_trunk_features(p, trunk, device, progress) for p in (splits.train, splits.fusion, splits.holdout)]
+    if path is not None:
+        from dmde.checkpoint import save_checkpoint
+
+        save_checkpoint(path, {f"{n}_{k}": getattr(p, k) for n, p in zip(("train", "fusion", "holdout"), parts)
+                               for k in ("inputs", "targets")})
+    return Splits(splits.classes, *parts)
+
+
 def _first_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
@@ -356,13 +411,12 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     hashes = stage_hashes(cfg)
     wn = WordNet.load(cfg.ontology.wordnet)
     progress = cfg.progress and rank == 0
-    splits = load_splits(cfg.data, wn, progress=progress)
+    if rank != 0:
+        barrier()  # rank 0 decodes (and caches the trunk outputs) first
+    splits = prepare_splits(cfg, wn, progress=progress, cache_dir=run.dir, device=device)
     if rank == 0:
-        write_json(run.dir / "data.json", {
-            "dataset": cfg.data.dataset, "classes": splits.classes,
-            "image_size": list(splits.train.inputs.shape[-2:]), "mean": list(splits.train.mean),
-            "std": list(splits.train.std),
-            "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout)})
+        barrier()
+        write_json(run.dir / "data.json", data_summary(cfg, splits))
 
     def want(name: str) -> bool:
         return until is None or STAGES.index(name) <= STAGES.index(until)
@@ -378,7 +432,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
             run.finish("ontology")
         barrier()
     onto = Ontology.from_json(run.dir / "ontology.json")
-    positions = np.asarray([onto._pos.get(w, -1) for w in splits.classes])
+    positions = onto.positions_or(splits.classes)
     splits = splits.align(positions)
     n = onto.n_classes
 
@@ -451,6 +505,30 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     return read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").exists() else {}
 
 
+def data_summary(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What prediction needs to know about the inputs: size, normalisation, cached trunk."""
+    from dmde.train_experts import uses_cached_trunk
+
+    if uses_cached_trunk(cfg.experts):
+        size = list(load_splits_shape(cfg))
+    else:
+        size = list(splits.train.inputs.shape[-2:])
+    return {"dataset": cfg.data.dataset, "classes": splits.classes, "image_size": size,
+            "mean": list(splits.train.mean), "std": list(splits.train.std),
+            "trunk": {"backbone": cfg.experts.backbone, "backbone_kwargs": cfg.experts.backbone_kwargs}
+            if uses_cached_trunk(cfg.experts) else None,
+            "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout)}
+
+
+def load_splits_shape(cfg: RunConfig) -> tuple[int, int]:
+    """The image size the run's models see (before any cached trunk)."""
+    if cfg.data.image_size is not None:
+        return (cfg.data.image_size, cfg.data.image_size)
+    ds = open_dataset(cfg.data, "train")
+    img = ds.load_image(0) if hasattr(ds, "load_image") else ds[0][0]
+    return tuple(img.shape[-2:])
+
+
 def _k(cfg: RunConfig, n: int) -> int | None:
     k = cfg.ontology.categories
     if k is not None and not 1 <= k <= n:
@@ -466,8 +544,12 @@ def _make_groups(cfg: RunConfig, onto, splits: Splits, wn, run: Run, device: tor
     if g.assignment == "visual":
         from dmde.ontology import build_visual_ontology
 
-        feats = class_mean_features(splits.train, onto.n_classes, g.visual_backbone, g.visual_per_class,
-                                    g.seed, device)
+        if splits.train.kind == "features":  # the visual tree from the pretrained trunk + body
+            feats = class_mean_features(splits.train, onto.n_classes, cfg.experts.backbone, g.visual_per_class,
+                                        g.seed, device, cfg.experts.backbone_kwargs)
+        else:
+            feats = class_mean_features(splits.train, onto.n_classes, g.visual_backbone, g.visual_per_class,
+                                        g.seed, device)
         visual = build_visual_ontology(feats.numpy(), onto.classes, onto.lemmas,
                                        n_categories=onto.n_categories, random_state=g.seed, wn=wn,
                                        source=f"class-mean {g.visual_backbone} features")
@@ -478,13 +560,16 @@ def _make_groups(cfg: RunConfig, onto, splits: Splits, wn, run: Run, device: tor
 
 @torch.no_grad()
 def class_mean_features(data: ImageTensors, n_classes: int, backbone: str, per_class: int, seed: int,
-                        device: torch.device) -> torch.Tensor:
+                        device: torch.device, backbone_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     """Mean deep feature of each class (N, d) from a per-class sample: the visual tree's input."""
     from dmde.backbones import create_backbone
 
-    kw = {"pretrained": True} if backbone == "efficientnet_lite0" else {}
     torch.manual_seed(seed)
-    net = create_backbone(backbone, **kw).to(device).eval()
+    if data.kind == "features":  # cached trunk outputs: the pretrained backbone's body on top
+        net = create_backbone(backbone, **backbone_kwargs).use_cached_trunk().to(device).eval()
+    else:
+        kw = {"pretrained": True} if backbone == "efficientnet_lite0" else {}
+        net = create_backbone(backbone, **kw).to(device).eval()
     g = torch.Generator().manual_seed(seed)
     idx = torch.cat([m[torch.randperm(m.numel(), generator=g)[:per_class]]
                      for m in (torch.nonzero(data.targets == c).flatten() for c in range(n_classes))])
@@ -608,8 +693,13 @@ def _flat_model(cfg: RunConfig, n: int, n_experts: int) -> nn.Module:
     from dmde.backbones import create_backbone
     from dmde.baselines import FlatClassifier
 
+    from dmde.train_experts import uses_cached_trunk
+
     e = cfg.experts
-    return FlatClassifier(create_backbone(e.backbone, **e.backbone_kwargs), n)
+    backbone = create_backbone(e.backbone, **e.backbone_kwargs)
+    if uses_cached_trunk(e):
+        backbone.use_cached_trunk()
+    return FlatClassifier(backbone, n)
 
 
 def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_hash: str, device: torch.device,
@@ -685,10 +775,13 @@ def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> t
 
         cfg = load_config(RunConfig, run_dir / "config.yaml")
         classes = class_wnids(classes, WordNet.load(cfg.ontology.wordnet))
-    lut = torch.as_tensor([onto._pos.get(w, -1) for w in classes], dtype=torch.long)
+    lut = torch.as_tensor(onto.positions_or(classes))
     y = lut[torch.as_tensor(mem.targets)]
     keep = y >= 0
-    return ImageTensors(mem.images[keep], y[keep], mean=tuple(info["mean"]), std=tuple(info["std"])), int((~keep).sum())
+    data = ImageTensors(mem.images[keep], y[keep], mean=tuple(info["mean"]), std=tuple(info["std"]))
+    if info.get("trunk"):
+        data = to_trunk_features(data, trunk_module(from_dict(ExpertsConfig, info["trunk"])))
+    return data, int((~keep).sum())
 
 
 def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, nn.Module], Any]:

@@ -63,7 +63,14 @@ class Predictor:
         from dmde.training import ImageTensors
 
         defaults = ImageTensors(torch.empty(0), torch.empty(0))
-        return cls(models[name], onto.classes, onto.lemmas, tuple(info["image_size"]),
+        net = models[name]
+        if info.get("trunk"):  # the run cached its frozen trunk: put it back in front
+            from dmde.config import from_dict
+            from dmde.pipeline import trunk_module
+            from dmde.train_experts import ExpertsConfig
+
+            net = torch.nn.Sequential(trunk_module(from_dict(ExpertsConfig, info["trunk"])), net).to(device).eval()
+        return cls(net, onto.classes, onto.lemmas, tuple(info["image_size"]),
                    info.get("mean", defaults.mean), info.get("std", defaults.std), name,
                    scores_are_probabilities=name == "mixture_upsilon" and cfg.fusion.stacking != "eq7_log",
                    device=device)

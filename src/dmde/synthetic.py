@@ -14,7 +14,7 @@ def synthetic_images(
     per_class: int,
     size: int = 16,
     seed: int = 0,
-    noise: float = 0.25,
+    noise: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (n_classes·per_class, 3, size, size), targets (n,)) with learnable classes."""
     g = torch.Generator().manual_seed(seed)  # the noise; a class's look depends on its id alone

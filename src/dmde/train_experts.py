@@ -40,17 +40,16 @@ class ExpertsConfig(OptimConfig):
     similarity_every: int = 1  # recompute S from the expert's own features every k epochs (0: never)
     similarity_per_class: int = 32  # images per class used to estimate S (Eq. 3)
     not_in_group_ratio: float = 1.0  # not-in-group images per in-group image, redrawn each epoch
+    cache_trunk: bool = True  # with backbone_kwargs.freeze_trunk: compute the frozen trunk once, cache it
 
 
-def expert_features(expert: nn.Module, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
-    """Penultimate features; from cached trunk features only the trainable body runs."""
-    if kind == "features":
-        return expert.backbone.body(x)
+def expert_features(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features (from images, or from cached trunk outputs when the backbone uses them)."""
     return expert.backbone(x)
 
 
-def expert_logits(expert: nn.Module, x: torch.Tensor, kind: str = "images") -> torch.Tensor:
-    return expert.head(expert_features(expert, x, kind))
+def expert_logits(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return expert.head(expert.backbone(x))
 
 
 def build_expert(cfg: ExpertsConfig, n_classes: int) -> nn.Module:
@@ -58,7 +57,14 @@ def build_expert(cfg: ExpertsConfig, n_classes: int) -> nn.Module:
     from dmde.expert import Expert
 
     backbone = create_backbone(cfg.backbone, **cfg.backbone_kwargs)
+    if uses_cached_trunk(cfg):
+        backbone.use_cached_trunk()
     return Expert(backbone, n_classes, not_in_group=cfg.not_in_group, multitask=cfg.multitask)
+
+
+def uses_cached_trunk(cfg: ExpertsConfig) -> bool:
+    """Whether the models of this configuration take cached trunk outputs instead of images."""
+    return bool(cfg.cache_trunk and cfg.backbone_kwargs.get("freeze_trunk"))
 
 
 @torch.no_grad()
@@ -84,7 +90,7 @@ def compute_similarity(
         return torch.zeros(len(group), len(group))
     was_training = expert.training
     expert.eval()
-    feats = predict_logits(lambda x: expert_features(expert, x, data.kind), data.subset(idx), device=device)
+    feats = predict_logits(lambda x: expert_features(expert, x), data.subset(idx), device=device)
     expert.train(was_training)
     return visual_similarity(feats, torch.cat(labels), len(group), per_class=per_class, generator=generator)
 
@@ -97,7 +103,7 @@ def evaluate_expert(expert: nn.Module, data: ImageTensors, group: Sequence[int],
     expert.eval()
     from dmde.group_view import group_labels
 
-    logits = predict_logits(lambda x: expert_logits(expert, x, data.kind), data, device=device)
+    logits = predict_logits(lambda x: expert_logits(expert, x), data, device=device)
     m = len(group)
     y = torch.as_tensor(group_labels(data.targets.numpy(), group))  # m = outside the group
     inside = y < m
@@ -159,7 +165,7 @@ def train_expert(
                 sim["S"] = compute_similarity(expert, train, group, cfg.similarity_per_class, gen, device)
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = expert_logits(model, x, train.kind)
+        logits = expert_logits(model, x)
         if not cfg.multitask:
             return F.cross_entropy(logits, y), logits
         S = sim["S"].to(logits.device) if sim["S"] is not None else None

@@ -1,0 +1,86 @@
+"""A base expert (§IV-B): a backbone CNN plus the multi-task head of its task group.
+
+Expert j maps an image to M_j + 1 logits: its group's classes 0..M_j−1, then "not in group" last
+(or M_j logits in the "without not-in-group" ablation). The head's weights follow Eqs. 2–6
+(:class:`dmde.multitask.MultiTaskHead`); the loss lives in :func:`dmde.multitask.multitask_loss`,
+never in the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from dmde.backbones import create_backbone
+from dmde.config import from_dict
+from dmde.multitask import MultiTaskHead
+
+__all__ = ["Expert", "ExpertModelConfig"]
+
+
+@dataclass
+class ExpertModelConfig:
+    """What builds one expert's model (the training settings live with the training stage)."""
+
+    backbone: str = "small_cnn"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    not_in_group: bool = True  # False: M_j outputs only (ablation "w/o not-in-group")
+    multitask: bool = True  # False: plain linear head (ablation "w/o multi-task", with δ1 = δ2 = 0)
+
+
+class Expert(nn.Module):
+    """``backbone`` (images → (B, d) features) followed by ``head`` (features → (B, M_j(+1)) logits)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, not_in_group: bool = True, multitask: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = MultiTaskHead(backbone.num_features, n_classes, not_in_group=not_in_group, multitask=multitask)
+
+    @property
+    def n_classes(self) -> int:
+        """M_j, the number of the group's classes (without the not-in-group output)."""
+        return self.head.n_classes
+
+    @property
+    def n_outputs(self) -> int:
+        """M_j + 1 with a not-in-group output, else M_j."""
+        return self.head.n_outputs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, d) of images (B, 3, H, W)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # (B, M_j(+1))
+
+    def forward_from_trunk(self, t: torch.Tensor) -> torch.Tensor:
+        """Logits from the backbone's cached trunk outputs: ``head(backbone.body(t))``."""
+        return self.head(self.backbone.body(t))
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str,
+        n_classes: int,
+        not_in_group: bool = True,
+        multitask: bool = True,
+        **backbone_kwargs: Any,
+    ) -> "Expert":
+        """An expert over a registered backbone: ``create_backbone(backbone, **backbone_kwargs)``."""
+        return cls(create_backbone(backbone, **backbone_kwargs), n_classes, not_in_group, multitask)
+
+    @classmethod
+    def from_config(cls, cfg: ExpertModelConfig | Mapping[str, Any] | Any, n_classes: int) -> "Expert":
+        """Build from an :class:`ExpertModelConfig`, a mapping, or any object with the same fields
+        (``backbone``, ``backbone_kwargs``, ``not_in_group``, ``multitask``)."""
+        if isinstance(cfg, Mapping):
+            cfg = from_dict(ExpertModelConfig, cfg, where="expert")
+        return cls.build(
+            cfg.backbone,
+            n_classes,
+            not_in_group=getattr(cfg, "not_in_group", True),
+            multitask=getattr(cfg, "multitask", True),
+            **dict(getattr(cfg, "backbone_kwargs", None) or {}),
+        )

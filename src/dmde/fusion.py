@@ -1,0 +1,255 @@
+"""The N-way softmax on the stacked scores Υ and the whole mixture of experts (§IV-C, Eqs. 10–11).
+
+* :class:`NWaySoftmax` — logits = A·z + b with z = Υ or log(Υ + ε) (Eq. 10). A starts as the
+  identity, so before training the prediction is argmax Υ. ``kind='dense'`` stores A (N×N, the
+  paper's layer; 477 M parameters at N = 21,841); ``kind='lowrank'`` stores A = diag(a) + U·Vᵀ
+  (a = 1, U small random, V = 0 at init): 2·r·N + 2·N parameters, linear in N.
+* :class:`Mixture` — experts → padded probabilities → Υ (:mod:`dmde.stacking`) → N-way logits.
+* :func:`mixture_loss` — end-to-end fine-tuning (Eq. 11): N-way cross-entropy plus each expert's
+  multi-task regulariser, so gradients reach A, every expert's head and every expert's CNN.
+
+Batched experts: with ``batched=True`` the experts run in one ``torch.func.vmap`` pass over their
+stacked parameters when they share an architecture. Supported: identical parameter/buffer shapes
+across the whole expert (vmap over the expert), or identical backbones with heads of different
+sizes (vmap over ``expert.backbone``, then each ``expert.head`` in turn — this assumes
+``expert(x) == expert.head(expert.backbone(x))``). Parameters are re-stacked with ``torch.stack``
+on every call (a copy of the experts' weights) so gradients flow back to each expert. Modules
+that update running statistics (BatchNorm in training mode) cannot write them back through vmap,
+so in training mode such experts fall back to the loop; in eval mode BatchNorm is supported.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmde.errors import DmdeValueError, MismatchError
+from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, stack
+
+NWAY_KINDS = ("dense", "lowrank")
+NWAY_INPUTS = ("upsilon", "log")
+
+
+class NWaySoftmax(nn.Module):
+    """Eq. 10's N-way layer on Υ: logits = A·z + b, A = I at init (argmax-preserving).
+
+    ``input='log'`` feeds z = log(Υ + ``log_eps``) (monotone, so argmax is still kept at init);
+    use it with the unbounded Eq. 7 scores. ``rank`` and ``init_std`` apply to ``'lowrank'`` only.
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        kind: str = "dense",
+        rank: int = 32,
+        input: str = "upsilon",
+        log_eps: float = 1e-6,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if kind not in NWAY_KINDS:
+            raise DmdeValueError(f"unknown N-way kind {kind!r}; known: {', '.join(NWAY_KINDS)}")
+        if input not in NWAY_INPUTS:
+            raise DmdeValueError(f"unknown N-way input {input!r}; known: {', '.join(NWAY_INPUTS)}")
+        if n_classes < 1:
+            raise DmdeValueError(f"n_classes must be positive, got {n_classes}")
+        self.n_classes, self.kind, self.input, self.log_eps = n_classes, kind, input, log_eps
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+        if kind == "dense":
+            self.A = nn.Parameter(torch.eye(n_classes))
+        else:
+            if rank < 1:
+                raise DmdeValueError(f"lowrank N-way layer needs rank ≥ 1, got {rank}")
+            self.rank = rank
+            self.diag = nn.Parameter(torch.ones(n_classes))
+            self.U = nn.Parameter(torch.randn(n_classes, rank) * init_std)
+            self.V = nn.Parameter(torch.zeros(n_classes, rank))
+
+    def forward(self, upsilon: Tensor) -> Tensor:
+        """Υ (B, N) → logits (B, N)."""
+        z = torch.log(upsilon + self.log_eps) if self.input == "log" else upsilon
+        if self.kind == "dense":
+            return F.linear(z, self.A, self.bias)
+        # A z = a ⊙ z + U (Vᵀ z): O(N·r) per image.
+        return z * self.diag + (z @ self.V) @ self.U.T + self.bias  # (B, r) → (B, N)
+
+    def weight(self) -> Tensor:
+        """A as a dense (N, N) matrix (materialises N² values: for small N and tests)."""
+        if self.kind == "dense":
+            return self.A
+        return torch.diag(self.diag) + self.U @ self.V.T
+
+    def extra_repr(self) -> str:
+        extra = f", rank={self.rank}" if self.kind == "lowrank" else ""
+        return f"n_classes={self.n_classes}, kind={self.kind!r}{extra}, input={self.input!r}"
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for m in module.modules()
+    )
+
+
+def _same_shapes(modules: Sequence[nn.Module]) -> bool:
+    def sig(m: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(n, tuple(t.shape), t.dtype) for n, t in
+                [*m.named_parameters(), *m.named_buffers()]]
+
+    first = sig(modules[0])
+    return all(type(m) is type(modules[0]) and sig(m) == first for m in modules[1:])
+
+
+def _vmap_call(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Run identical-shaped modules on the same x in one vmapped pass → (G, B, ...)."""
+    from torch.func import functional_call, vmap
+
+    base = modules[0]
+    names = [n for n, _ in base.named_parameters()]
+    bnames = [n for n, _ in base.named_buffers()]
+    per = [dict(m.named_parameters()) for m in modules]
+    perb = [dict(m.named_buffers()) for m in modules]
+    params = {n: torch.stack([p[n] for p in per]) for n in names}  # each (G, ...), keeps grad
+    buffers = {n: torch.stack([b[n] for b in perb]) for n in bnames}
+
+    def one(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
+        return functional_call(base, (p, b), (inp,))
+
+    return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+
+
+class Mixture(nn.Module):
+    """Experts + stacking function + optional N-way softmax (Eqs. 7–12).
+
+    ``experts[j]`` maps images (B, 3, H, W) to logits (B, M_j+1) over ``groups[j]`` then
+    not-in-group (or (B, M_j) without it, for ``stacking='sum'``). ``forward`` returns N-way
+    logits (B, N), or Υ itself when ``nway`` is None.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        groups: Sequence[Sequence[int]],
+        n_classes: int,
+        stacking: str = "eq7",
+        eps: float = DEFAULT_EPS,
+        lam: float = 0.5,
+        nway: NWaySoftmax | None = None,
+        batched: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(experts) != len(groups):
+            raise MismatchError(f"{len(experts)} experts for {len(groups)} task groups")
+        if stacking not in VARIANTS:
+            raise DmdeValueError(f"unknown stacking variant {stacking!r}; known: {', '.join(VARIANTS)}")
+        if nway is not None and nway.n_classes != n_classes:
+            raise MismatchError(f"N-way layer has {nway.n_classes} classes, mixture {n_classes}")
+        if nway is not None and nway.input == "log" and stacking == "eq7_log":
+            raise DmdeValueError("stacking 'eq7_log' is already a log score: use input='upsilon'")
+        self.experts = nn.ModuleList(experts)
+        self.layout = GroupLayout.from_groups(groups, n_classes)
+        for name in ("class_index", "flat_slot", "flat_class", "pad_dest", "pad_dest_nig", "sizes"):
+            # buffers so .to(device) moves the layout; not saved in state_dict (rebuilt from groups)
+            self.register_buffer(f"_layout_{name}", getattr(self.layout, name), persistent=False)
+        self.n_classes, self.stacking, self.eps, self.lam = n_classes, stacking, eps, lam
+        self.nway = nway
+        self.batched = batched
+
+    def _current_layout(self) -> GroupLayout:
+        if self._layout_class_index.device != self.layout.class_index.device:
+            self.layout = self.layout.to(self._layout_class_index.device)
+        return self.layout
+
+    def batch_mode(self) -> str:
+        """How ``expert_logits`` will run now: ``'loop'``, ``'vmap'`` or ``'vmap_backbone'``."""
+        experts = list(self.experts)
+        if not self.batched or len(experts) < 2:
+            return "loop"
+        if self.training and any(_has_running_stats(e) for e in experts):
+            return "loop"
+        if _same_shapes(experts):
+            return "vmap"
+        if all(hasattr(e, "backbone") and hasattr(e, "head") for e in experts) and _same_shapes(
+            [e.backbone for e in experts]
+        ):
+            return "vmap_backbone"
+        return "loop"
+
+    def expert_logits(self, x: Tensor) -> list[Tensor]:
+        """Each expert's logits, a list of (B, M_j+1)."""
+        mode = self.batch_mode()
+        if mode == "vmap":
+            return list(_vmap_call(list(self.experts), x).unbind(0))  # (G, B, M+1) → G × (B, M+1)
+        if mode == "vmap_backbone":
+            feats = _vmap_call([e.backbone for e in self.experts], x)  # (G, B, d)
+            return [e.head(f) for e, f in zip(self.experts, feats.unbind(0))]
+        return [e(x) for e in self.experts]
+
+    def expert_probs(self, x: Tensor) -> Tensor:
+        """Padded expert probabilities P (B, G, Mmax+1), φ in the last column (Eq. 9's p_j)."""
+        layout = self._current_layout()
+        logits = layout.pad(self.expert_logits(x), fill=-math.inf)  # (B, G, Mmax[+1])
+        return torch.softmax(logits, dim=-1)
+
+    def upsilon(self, x: Tensor) -> Tensor:
+        """Υ (B, N), Eq. 7 or the chosen variant."""
+        return stack(self.expert_probs(x), self._current_layout(), self.stacking, self.eps, self.lam)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.upsilon(x)
+        return u if self.nway is None else self.nway(u)
+
+
+def _laplacian_trace(W: Tensor, S: Tensor) -> Tensor:
+    from dmde import multitask
+
+    return multitask.laplacian_trace(W, S)
+
+
+def mixture_loss(
+    mixture: Mixture,
+    x: Tensor,
+    y: Tensor,
+    expert_terms: bool = True,
+    delta1: float = 1e-4,
+    delta2: float = 1e-3,
+    similarities: Sequence[Tensor | None] | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """End-to-end fine-tuning loss (Eqs. 10–11 with the experts' Eq. 2 regularisers).
+
+    loss = CE(mixture(x), y) + Σ_j [δ1·Σ_k ‖W_{j,k}‖² + δ2/2·Tr(W_j L_j W_jᵀ)], where W_j is expert
+    j's ``head.class_weights`` (M_j, d) and L_j the Laplacian of ``similarities[j]`` (M_j, M_j); the
+    trace term is skipped for an expert whose S is None, and experts without ``class_weights``
+    or with ``head.multitask`` False (plain linear heads) add nothing. With ``nway=None`` the CE is taken on log Υ. Returns the loss
+    and its parts as floats.
+    """
+    out = mixture(x)
+    if mixture.nway is None:  # Υ is a score, not logits: use its log (finite for every variant)
+        out = out if mixture.stacking == "eq7_log" else torch.log(out + 1e-12)
+    ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    parts: dict[str, Any] = {"ce": float(ce.detach())}
+    loss = ce
+    if expert_terms:
+        if similarities is not None and len(similarities) != len(mixture.experts):
+            raise MismatchError(
+                f"{len(similarities)} similarity matrices for {len(mixture.experts)} experts"
+            )
+        norm = x.new_zeros(())
+        trace = x.new_zeros(())
+        for j, expert in enumerate(mixture.experts):
+            head = getattr(expert, "head", None)
+            W = getattr(head, "class_weights", None)
+            if W is None or not getattr(head, "multitask", True):
+                continue  # plain linear head: the "w/o multi-task" ablation has δ1 = δ2 = 0
+            norm = norm + W.pow(2).sum()
+            S = None if similarities is None else similarities[j]
+            if S is not None and delta2 > 0:
+                trace = trace + _laplacian_trace(W, S)
+        loss = loss + delta1 * norm + 0.5 * delta2 * trace
+        parts.update(weight_norm=float(norm.detach()), laplacian_trace=float(trace.detach()))
+    parts["loss"] = float(loss.detach())
+    return loss, parts
