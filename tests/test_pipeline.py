@@ -25,7 +25,7 @@ TINY = {
     "experts": {"backbone": "small_cnn", "backbone_kwargs": {"width": 8}, "epochs": 5, "batch_size": 16,
                 "lr": 0.02, "similarity_per_class": 4},
     "fusion": {"epochs": 5, "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.002}},
-    "baselines": {"flat": True, "early_fusion": True, "early_fusion_epochs": 5},
+    "baselines": {"flat": True, "early_fusion": True, "early_fusion_epochs": 5, "width_matched_flat": True},
     "progress": False,
 }
 
@@ -63,7 +63,7 @@ def finished_run(tmp_path_factory, real_wordnet_dir):
 
 def test_pipeline_trains_every_model(finished_run):
     run, metrics, _ = finished_run
-    assert set(metrics) == {"mixture_upsilon", "mixture_nway", "mixture", "flat", "early_fusion"}
+    assert set(metrics) == {"mixture_upsilon", "mixture_nway", "mixture", "flat", "flat_wide", "early_fusion"}
     for m in metrics.values():
         assert 0.0 <= m["top1"] <= m["top2"] <= m["top5"] <= m["top10"] == 1.0  # N = 10
         assert m["n_images"] == 60
@@ -76,7 +76,10 @@ def test_pipeline_trains_every_model(finished_run):
     assert len(list((run / "experts").glob("expert_*.pt"))) == 5  # N=10, M=4, λ=0.5 → 5 groups
     stages = json.loads((run / "stages.json").read_text())
     assert all(stages[s]["done"] for s in ("ontology", "groups", "experts", "fusion", "finetune", "flat",
-                                           "early_fusion", "evaluate"))
+                                           "flat_wide", "early_fusion", "evaluate"))
+    # the width-matched flat model costs what the whole mixture costs, within 10%
+    assert abs(stages["flat_wide"]["macs"] / stages["flat_wide"]["mixture_macs"] - 1) < 0.1
+    assert stages["flat_wide"]["width"] > 8
     assert groups  # parsed
 
 

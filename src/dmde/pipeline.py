@@ -112,7 +112,7 @@ class RunConfig:
     progress: bool = True
 
 
-STAGES = ("ontology", "groups", "experts", "fusion", "finetune", "flat", "early_fusion", "evaluate")
+STAGES = ("ontology", "groups", "experts", "fusion", "finetune", "flat", "flat_wide", "early_fusion", "evaluate")
 # What each stage leaves in the run directory (removed when the stage must be redone).
 OUTPUTS = {
     "ontology": ["ontology.json"],
@@ -121,6 +121,7 @@ OUTPUTS = {
     "fusion": ["fusion.pt"],
     "finetune": ["mixture.pt", "mixture.jsonl"],
     "flat": ["flat.pt", "flat.jsonl"],
+    "flat_wide": ["flat_wide.pt", "flat_wide.jsonl"],
     "early_fusion": ["early_fusion.pt"],
     "evaluate": ["metrics.json", "per_class.csv", "per_class.png"],
 }
@@ -384,7 +385,8 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     h["fusion"] = config_hash([h["experts"], fusion])
     h["finetune"] = config_hash([h["fusion"], finetune])
     exp = to_dict(cfg.experts)
-    h["flat"] = config_hash([h["ontology"], data, exp, cfg.baselines.epochs, cfg.baselines.width_matched_flat])
+    h["flat"] = config_hash([h["ontology"], data, exp, cfg.baselines.epochs])
+    h["flat_wide"] = config_hash([h["flat"], h["groups"], cfg.fusion.nway, cfg.fusion.rank])
     h["early_fusion"] = config_hash([h["experts"], cfg.baselines.early_fusion_epochs])
     h["evaluate"] = config_hash([h[s] for s in STAGES[:-1]] + [to_dict(cfg.baselines)])
     return h
@@ -486,8 +488,14 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     if want("flat") and cfg.baselines.flat and not run.is_done("flat", hashes["flat"]):
         run.begin("flat", hashes["flat"])
         train_flat(run.dir / "flat.pt", cat_data(splits.train, splits.fusion), n, cfg, onto.hash(), device,
-                   progress, n_experts=len(groups.groups))
+                   progress)
         run.finish("flat")
+    if want("flat_wide") and cfg.baselines.width_matched_flat and not run.is_done("flat_wide", hashes["flat_wide"]):
+        run.begin("flat_wide", hashes["flat_wide"])
+        model, match = width_matched_model(cfg, n, groups, splits.train)
+        train_flat(run.dir / "flat_wide.pt", cat_data(splits.train, splits.fusion), n, cfg, onto.hash(), device,
+                   progress, model=model, extra={"width_match": match})
+        run.finish("flat_wide", **match)
     if want("early_fusion") and cfg.baselines.early_fusion and not run.is_done("early_fusion",
                                                                                  hashes["early_fusion"]):
         run.begin("early_fusion", hashes["early_fusion"])
@@ -689,26 +697,48 @@ def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig,
                seed_parts=(0xE2E,), device=device, desc="fine-tune", progress=progress)
 
 
-def _flat_model(cfg: RunConfig, n: int, n_experts: int) -> nn.Module:
+def width_matched_model(cfg: RunConfig, n: int, groups, data: ImageTensors) -> tuple[nn.Module, dict[str, Any]]:
+    """A flat model as costly per image as the whole mixture (experts, heads, N-way layer)."""
+    from dmde.baselines import width_matched_flat
+    from dmde.train_experts import uses_cached_trunk
+
+    e = cfg.experts
+    if uses_cached_trunk(e):
+        raise DmdeValueError("baselines.width_matched_flat needs a backbone with a width option "
+                             "(small_cnn, alexnet), not a cached pretrained trunk")
+    sizes = [len(g) for g in groups.groups]
+    torch.manual_seed(mix_seed(e.seed, 0xF1A8))
+    m = width_matched_flat(e.backbone, len(sizes), n, int(round(sum(sizes) / len(sizes))),
+                           input_shape=tuple(data.inputs.shape[1:]), nway_kind=cfg.fusion.nway, rank=cfg.fusion.rank,
+                           **e.backbone_kwargs)
+    return m.model, {"width_arg": m.width_arg, "width": m.width, "macs": m.macs, "mixture_macs": m.target_macs}
+
+
+def _flat_model(cfg: RunConfig, n: int, width: dict[str, Any] | None = None) -> nn.Module:
     from dmde.backbones import create_backbone
     from dmde.baselines import FlatClassifier
 
     from dmde.train_experts import uses_cached_trunk
 
     e = cfg.experts
-    backbone = create_backbone(e.backbone, **e.backbone_kwargs)
+    kw = dict(e.backbone_kwargs)
+    if width is not None:
+        kw[width["width_arg"]] = width["width"]
+    backbone = create_backbone(e.backbone, **kw)
     if uses_cached_trunk(e):
         backbone.use_cached_trunk()
     return FlatClassifier(backbone, n)
 
 
 def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_hash: str, device: torch.device,
-               progress: bool, n_experts: int) -> dict[str, Any]:
+               progress: bool, model: nn.Module | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat baseline ("AlexNet Extension"): the experts' backbone with one N-way softmax."""
     import dataclasses
 
-    torch.manual_seed(mix_seed(cfg.experts.seed, 0xF1A7))
-    model = _flat_model(cfg, n, n_experts).to(device)
+    if model is None:
+        torch.manual_seed(mix_seed(cfg.experts.seed, 0xF1A7))
+        model = _flat_model(cfg, n)
+    model = model.to(device)
     ocfg = OptimConfig(**{f.name: getattr(cfg.experts, f.name) for f in dataclasses.fields(OptimConfig)})
     if cfg.baselines.epochs is not None:
         ocfg.epochs = cfg.baselines.epochs
@@ -718,7 +748,8 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
         return F.cross_entropy(logits, y), logits
 
     return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
-               seed_parts=(0xF1A7,), device=device, desc="flat", progress=progress)
+               extra_state=(lambda: dict(extra)) if extra else None,
+               seed_parts=(0xF1A7,), device=device, desc=path.stem, progress=progress)
 
 
 def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,
@@ -816,13 +847,14 @@ def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") 
             ef = EarlyFusion(experts, n)
             ef.classifier.load_state_dict(load_checkpoint(run_dir / "early_fusion.pt")["model"])
             models["early_fusion"] = ef
-    if (run_dir / "flat.pt").exists():
-        state = load_checkpoint(run_dir / "flat.pt")
-        if state.get("ontology_hash") != onto.hash():
-            raise MismatchError(f"{run_dir / 'flat.pt'} was trained for another ontology")
-        flat = _flat_model(cfg, n, len(groups.groups))
-        flat.load_state_dict(state["model"])
-        models["flat"] = flat
+    for name in ("flat", "flat_wide"):
+        if (run_dir / f"{name}.pt").exists():
+            state = load_checkpoint(run_dir / f"{name}.pt")
+            if state.get("ontology_hash") != onto.hash():
+                raise MismatchError(f"{run_dir / (name + '.pt')} was trained for another ontology")
+            flat = _flat_model(cfg, n, state.get("width_match"))
+            flat.load_state_dict(state["model"])
+            models[name] = flat
     for m in models.values():
         m.to(device).eval()
     return models, cfg
