@@ -212,3 +212,28 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert "1.5" in err and err.count("\n") == 1
     assert main(["train", "--out", str(tmp_path / "r"), "experts.nope=1"]) == 2
     assert "experts.nope" in capsys.readouterr().err
+
+
+def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):
+    """data.on_corrupt: raise names the file; skip drops it and counts it."""
+    from dmde.errors import CorruptImageError
+    from dmde.pipeline import DataConfig, load_splits
+    from dmde.synthetic import synthetic_images
+    from dmde.wordnet import WordNet
+
+    x, y = synthetic_images(2, 5, size=8, seed=0)
+    for i, (img, t) in enumerate(zip(x, y)):
+        d = tmp_path / ("dog" if int(t) == 0 else "n02121808")  # a lemma and a WNID as class names
+        d.mkdir(exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    (tmp_path / "dog" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    wn = WordNet.load()
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), holdout_per_class=1)
+    with pytest.raises(CorruptImageError, match="zz_broken.png"):
+        load_splits(cfg, wn, progress=False)
+    cfg.on_corrupt = "skip"
+    with pytest.warns(UserWarning, match="1 corrupt"):
+        splits = load_splits(cfg, wn, progress=False)
+    assert splits.skipped == 1
+    assert splits.classes == ["n02084071", "n02121808"]  # 'dog' resolved to its WNID
+    assert len(splits.train) + len(splits.holdout) == 10

@@ -52,6 +52,7 @@ class DataConfig:
     fusion_per_class: int = 0  # images per class kept from the experts for the N-way layer
     synthetic_per_class: int = 60
     cache: str | None = None  # decoded-image cache (.pt); None: decode every time
+    on_corrupt: str = "raise"  # raise: a corrupt image stops with its name; skip: dropped and counted
     seed: int = 0
 
 
@@ -134,6 +135,7 @@ def validate(cfg: RunConfig) -> None:
 
     choices = {
         "data.dataset": (cfg.data.dataset, ("fashion_mnist", "tiny_imagenet", "imagefolder", "synthetic")),
+        "data.on_corrupt": (cfg.data.on_corrupt, ("raise", "skip")),
         "groups.assignment": (cfg.groups.assignment, ("semantic", "random", "visual")),
         "fusion.stacking": (cfg.fusion.stacking, ("eq7", "eq7_log", "stack2", "sum")),
         "fusion.nway": (cfg.fusion.nway, ("dense", "lowrank", "none")),
@@ -178,6 +180,7 @@ class Splits:
     train: ImageTensors  # targets: dataset class ids until aligned to the ontology
     fusion: ImageTensors
     holdout: ImageTensors
+    skipped: int = 0  # corrupt images dropped (data.on_corrupt=skip)
 
     def align(self, positions: np.ndarray) -> "Splits":
         """Dataset class ids → ontology positions (−1: class dropped from the ontology)."""
@@ -188,7 +191,7 @@ class Splits:
             keep = y >= 0
             return ImageTensors(t.inputs[keep], y[keep], t.kind, t.mean, t.std)
 
-        return Splits(self.classes, one(self.train), one(self.fusion), one(self.holdout))
+        return Splits(self.classes, one(self.train), one(self.fusion), one(self.holdout), self.skipped)
 
 
 def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
@@ -200,11 +203,11 @@ def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
     if cfg.dataset == "tiny_imagenet":
         if cfg.root is None:
             raise DmdeValueError("data.root must point at the Tiny-ImageNet directory or its zip")
-        return data.TinyImageNet(cfg.root, split=split)
+        return data.TinyImageNet(cfg.root, split=split, on_corrupt=cfg.on_corrupt)
     if cfg.dataset == "imagefolder":
         if cfg.root is None:
             raise DmdeValueError("data.root must point at an ImageFolder directory (<root>/<class>/<image>)")
-        return data.ImageFolder(cfg.root)
+        return data.ImageFolder(cfg.root, on_corrupt=cfg.on_corrupt)
     if cfg.dataset == "synthetic":
         from dmde.synthetic import synthetic_images
 
@@ -263,7 +266,12 @@ def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Split
         sel_t = torch.as_tensor(sel, dtype=torch.long)
         return ImageTensors(images[torch.as_tensor(idx)[sel_t]], yt[sel_t])
 
-    return Splits(classes, part(rest), part(fusion), part(hold))
+    skipped = int(getattr(mem, "skipped", 0))
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{skipped} corrupt image(s) skipped (data.on_corrupt=skip)", stacklevel=2)
+    return Splits(classes, part(rest), part(fusion), part(hold), skipped)
 
 
 def backbone_normalisation(cfg: ExpertsConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -310,7 +318,7 @@ def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Pa
         st = load_checkpoint(path)
         parts = [ImageTensors(st[f"{n}_inputs"], st[f"{n}_targets"], "features", mean, std)
                  for n in ("train", "fusion", "holdout")]
-        return Splits(splits.classes, *parts)
+        return Splits(splits.classes, *parts, splits.skipped)
     trunk = trunk_module(cfg.experts).to(device)
     parts = [to_trunk_features(p, trunk, device, progress) for p in (splits.train, splits.fusion, splits.holdout)]
     if path is not None:
@@ -318,7 +326,7 @@ def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Pa
 
         save_checkpoint(path, {f"{n}_{k}": getattr(p, k) for n, p in zip(("train", "fusion", "holdout"), parts)
                                for k in ("inputs", "targets")})
-    return Splits(splits.classes, *parts)
+    return Splits(splits.classes, *parts, splits.skipped)
 
 
 def _first_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -525,7 +533,8 @@ def data_summary(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
             "mean": list(splits.train.mean), "std": list(splits.train.std),
             "trunk": {"backbone": cfg.experts.backbone, "backbone_kwargs": cfg.experts.backbone_kwargs}
             if uses_cached_trunk(cfg.experts) else None,
-            "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout)}
+            "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout),
+            "skipped_corrupt": splits.skipped}
 
 
 def load_splits_shape(cfg: RunConfig) -> tuple[int, int]:
