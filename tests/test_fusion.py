@@ -217,15 +217,92 @@ def test_batched_equals_loop_eval_with_batchnorm(groups, mode):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_batched_falls_back_to_loop_for_batchnorm_training():
+@pytest.mark.parametrize("groups, mode", [(EQUAL, "vmap"), (UNEQUAL, "vmap_backbone")])
+def test_batched_equals_loop_in_training_with_batchnorm(groups, mode):
+    """Train mode: batch statistics per expert, running statistics written back, equal gradients."""
+    loop = make_mixture(groups, nway=NWaySoftmax(6, input="log")).train()
+    batched = make_mixture(groups, nway=NWaySoftmax(6, input="log"), batched=True).train()
+    batched.load_state_dict(loop.state_dict())
+    assert batched.batch_mode() == mode
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (loop, batched)]
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    for step in range(3):  # several steps: the optimiser's in-place updates must be seen
+        x = images(6, seed=10 + step)
+        for m, opt in zip((loop, batched), opts):
+            opt.zero_grad()
+            mixture_loss(m, x, y)[0].backward()
+        for (n, p), q in zip(loop.named_parameters(), batched.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+        for opt in opts:
+            opt.step()
+    for (n, b), c in zip(loop.named_buffers(), batched.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=n)  # running stats, counters
+    assert int(batched.experts[0].backbone.bn.num_batches_tracked) == 3
+
+
+def test_batched_falls_back_to_loop_for_cumulative_batchnorm_and_mixed_shapes():
     mix = make_mixture(EQUAL, batched=True).train()
+    for e in mix.experts:
+        e.backbone.bn.momentum = None  # cumulative average reads num_batches_tracked as a number
     assert mix.batch_mode() == "loop"
     before = mix.experts[0].backbone.bn.running_mean.clone()
     mix(images())
     assert not torch.equal(before, mix.experts[0].backbone.bn.running_mean)  # stats updated
+    assert mix.eval().batch_mode() == "vmap"  # eval mode reads the statistics only
     mixed = Mixture([TinyExpert(3, width=4), TinyExpert(3, width=5), TinyExpert(3)], EQUAL, 6,
                     batched=True).eval()
     assert mixed.batch_mode() == "loop"  # different shapes
+
+
+def test_stack_cache_reused_in_inference_and_invalidated_by_changes():
+    loop = make_mixture(EQUAL).eval()
+    mix = make_mixture(EQUAL, batched=True).eval()
+    x = images(4)
+    cache = mix._stack_cache
+    with torch.no_grad():
+        first = mix(x)
+        misses = cache.misses
+        assert misses > 0 and cache.hits == 0
+        torch.testing.assert_close(mix(x), first)
+        assert cache.misses == misses and cache.hits == misses  # second call: every tensor cached
+        mix.experts[1].backbone.conv.weight.mul_(2.0)  # in place: version bump
+        loop.load_state_dict(mix.state_dict())
+        torch.testing.assert_close(mix(x), loop(x), rtol=1e-5, atol=1e-5)
+        assert cache.misses == misses + 1
+        mix.load_state_dict(make_mixture(EQUAL, seed=3).state_dict())  # copy_: version bumps
+        loop.load_state_dict(mix.state_dict())
+        torch.testing.assert_close(mix(x), loop(x), rtol=1e-5, atol=1e-5)
+    mix.double()  # new storage
+    with torch.inference_mode():
+        out = mix(x.double())
+    assert out.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(out.float(), loop(x), rtol=1e-5, atol=1e-5)
+    # parameters that need a gradient are never taken from the cache
+    mix.float()(x).sum().backward()
+    assert all(p.grad is not None for p in mix.parameters())
+    mix.clear_stack_cache()
+    assert not cache.entries
+
+
+def test_stack_cache_for_frozen_parameters_during_training():
+    loop = make_mixture(UNEQUAL).train()
+    mix = make_mixture(UNEQUAL, batched=True).train()
+    mix.load_state_dict(loop.state_dict())
+    for m in (loop, mix):
+        for e in m.experts:
+            e.backbone.conv.weight.requires_grad_(False)  # a frozen trunk
+    x = images(6)
+    for _ in range(2):
+        out_loop, out = loop(x), mix(x)
+        torch.testing.assert_close(out, out_loop, rtol=1e-5, atol=1e-5)
+        out_loop.sum().backward()
+        out.sum().backward()
+    assert "backbone.conv.weight" in mix._stack_cache.entries and mix._stack_cache.hits >= 1
+    for (n, p), q in zip(loop.named_parameters(), mix.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def real_experts(groups, seed=0, **kw):
@@ -266,3 +343,23 @@ def test_end_to_end_with_dmde_experts():
         for name, p in e.head.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
+
+
+@pytest.mark.parametrize("groups", [EQUAL, UNEQUAL])
+def test_end_to_end_batched_training_equals_loop_with_dmde_experts(groups):
+    """Eq. 11 in training mode with small_cnn experts: same loss, gradients and BN statistics."""
+    S = [torch.rand(len(g), len(g)) for g in groups]
+    loop = Mixture(real_experts(groups), groups, 6, nway=NWaySoftmax(6, input="log")).train()
+    batched = Mixture(real_experts(groups), groups, 6, nway=NWaySoftmax(6, input="log"), batched=True).train()
+    batched.load_state_dict(loop.state_dict())
+    assert batched.batch_mode() != "loop"
+    x, y = images(8, seed=7), torch.arange(8) % 6
+    l_loop, p_loop = mixture_loss(loop, x, y, similarities=S)
+    l_b, p_b = mixture_loss(batched, x, y, similarities=S)
+    assert p_b["loss"] == pytest.approx(p_loop["loss"], rel=1e-5)
+    l_loop.backward()
+    l_b.backward()
+    for (n, p), q in zip(loop.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+    for (n, b), c in zip(loop.named_buffers(), batched.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=n)

@@ -121,3 +121,14 @@ def test_bad_inputs(layout):
         layout.pad_probs([PROBS[0], PROBS[1][:, :1]])
     with pytest.raises(DmdeValueError):
         stack(layout.pad_probs(PROBS), layout, "eq99")
+
+
+def test_equal_sizes_padding_is_a_transpose():
+    """Every M_j = Mmax: P is the experts' outputs side by side, the fast path of Mixture."""
+    equal = GroupLayout.from_groups([[0, 1], [1, 2], [2, 0]], 3)
+    unequal = GroupLayout.from_groups([[0, 1, 2], [2, 3]], 4)
+    assert equal.equal_sizes and equal.sizes_list == [2, 2, 2]
+    assert not unequal.equal_sizes and unequal.sizes_list == [3, 2]
+    out = torch.randn(3, 4, 3)  # (G, B, M+1)
+    torch.testing.assert_close(equal.pad(list(out.unbind(0))), out.transpose(0, 1))
+    assert equal.to("cpu").equal_sizes

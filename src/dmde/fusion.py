@@ -12,10 +12,15 @@ Batched experts: with ``batched=True`` the experts run in one ``torch.func.vmap`
 stacked parameters when they share an architecture. Supported: identical parameter/buffer shapes
 across the whole expert (vmap over the expert), or identical backbones with heads of different
 sizes (vmap over ``expert.backbone``, then each ``expert.head`` in turn — this assumes
-``expert(x) == expert.head(expert.backbone(x))``). Parameters are re-stacked with ``torch.stack``
-on every call (a copy of the experts' weights) so gradients flow back to each expert. Modules
-that update running statistics (BatchNorm in training mode) cannot write them back through vmap,
-so in training mode such experts fall back to the loop; in eval mode BatchNorm is supported.
+``expert(x) == expert.head(expert.backbone(x))``). A parameter that needs a gradient now is
+re-stacked with ``torch.stack`` on every call, so gradients flow back to each expert's own
+parameter; everything else (inference, frozen trunks, BatchNorm statistics in eval mode) is
+stacked once and cached until one of the experts' tensors is replaced or modified in place
+(tracked by tensor identity and autograd's version counter; an update through ``.data`` is not
+seen: call :meth:`Mixture.clear_stack_cache`). BatchNorm in training mode is batched too: its
+running statistics are stacked, updated by the vmapped ``batch_norm`` and copied back into each
+expert after the pass (equal to the loop's). Only BatchNorm with ``momentum=None`` (a cumulative
+average, which reads ``num_batches_tracked`` as a Python number) falls back to the loop.
 """
 from __future__ import annotations
 
@@ -87,11 +92,12 @@ class NWaySoftmax(nn.Module):
         return f"n_classes={self.n_classes}, kind={self.kind!r}{extra}, input={self.input!r}"
 
 
-def _has_running_stats(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-        for m in module.modules()
-    )
+def _training_norms(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """BatchNorm-like submodules that will update running statistics in this forward pass."""
+    return [
+        (n, m) for n, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
 
 
 def _same_shapes(modules: Sequence[nn.Module]) -> bool:
@@ -103,22 +109,70 @@ def _same_shapes(modules: Sequence[nn.Module]) -> bool:
     return all(type(m) is type(modules[0]) and sig(m) == first for m in modules[1:])
 
 
-def _vmap_call(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """Run identical-shaped modules on the same x in one vmapped pass → (G, B, ...)."""
+class _StackCache:
+    """Stacked copies (G, ...) of the experts' tensors that need no gradient, reused across calls.
+
+    An entry is valid while its G source tensors are the same objects, at the same version (every
+    in-place change — ``optimizer.step()``, ``load_state_dict`` — bumps it) and on the same
+    storage (``.to()`` and ``param.data = ...`` change it). Holds one extra copy of the cached
+    weights.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[list[Tensor], list[Any], Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: str, tensors: list[Tensor]) -> Tensor:
+        versions = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        hit = self.entries.get(key)
+        if hit is not None and versions == hit[1] and all(a is b for a, b in zip(tensors, hit[0])):
+            self.hits += 1
+            return hit[2]
+        self.misses += 1
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside no_grad
+            stacked = torch.stack([t.detach() for t in tensors])
+        self.entries[key] = (tensors, versions, stacked)
+        return stacked
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _vmap_call(modules: Sequence[nn.Module], x: Tensor, cache: _StackCache | None = None,
+               prefix: str = "") -> Tensor:
+    """Run identical-shaped modules on the same x in one vmapped pass → (G, B, ...).
+
+    Parameters that need a gradient are stacked afresh (the stack is part of the graph); the rest
+    come from ``cache``. Running statistics of BatchNorm in training mode are stacked afresh,
+    updated in place by the vmapped pass and copied back into each module.
+    """
     from torch.func import functional_call, vmap
 
     base = modules[0]
-    names = [n for n, _ in base.named_parameters()]
-    bnames = [n for n, _ in base.named_buffers()]
+    grad = torch.is_grad_enabled()
     per = [dict(m.named_parameters()) for m in modules]
     perb = [dict(m.named_buffers()) for m in modules]
-    params = {n: torch.stack([p[n] for p in per]) for n in names}  # each (G, ...), keeps grad
-    buffers = {n: torch.stack([b[n] for b in perb]) for n in bnames}
+    mutated = {f"{n}.{b}" if n else b for n, m in _training_norms(base) for b, _ in m.named_buffers()}
+
+    def stacked(name: str, tensors: list[Tensor], fresh: bool) -> Tensor:
+        if fresh or cache is None:
+            return torch.stack(tensors)  # (G, ...), keeps grad
+        return cache.get(prefix + name, tensors)
+
+    params = {n: stacked(n, ts, grad and any(t.requires_grad for t in ts))
+              for n in per[0] for ts in [[p[n] for p in per]]}
+    buffers = {n: stacked(n, ts, n in mutated) for n in perb[0] for ts in [[b[n] for b in perb]]}
 
     def one(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
         return functional_call(base, (p, b), (inp,))
 
-    return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+    out = vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+    if mutated:
+        with torch.no_grad():  # the updated running statistics back into each expert
+            for n in mutated:
+                for j, b in enumerate(perb):
+                    b[n].copy_(buffers[n][j])
+    return out
 
 
 class Mixture(nn.Module):
@@ -157,6 +211,15 @@ class Mixture(nn.Module):
         self.n_classes, self.stacking, self.eps, self.lam = n_classes, stacking, eps, lam
         self.nway = nway
         self.batched = batched
+        self._stack_cache = _StackCache()
+
+    def clear_stack_cache(self) -> None:
+        """Drop the cached stacked expert weights (after changing them in place through ``.data``)."""
+        self._stack_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: the cached copies are stale
+        self._stack_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _current_layout(self) -> GroupLayout:
         if self._layout_class_index.device != self.layout.class_index.device:
@@ -168,8 +231,8 @@ class Mixture(nn.Module):
         experts = list(self.experts)
         if not self.batched or len(experts) < 2:
             return "loop"
-        if self.training and any(_has_running_stats(e) for e in experts):
-            return "loop"
+        if any(m.momentum is None for e in experts for _, m in _training_norms(e)):
+            return "loop"  # cumulative average: reads num_batches_tracked as a number, not vmappable
         if _same_shapes(experts):
             return "vmap"
         if all(hasattr(e, "backbone") and hasattr(e, "head") for e in experts) and _same_shapes(
@@ -180,18 +243,28 @@ class Mixture(nn.Module):
 
     def expert_logits(self, x: Tensor) -> list[Tensor]:
         """Each expert's logits, a list of (B, M_j+1)."""
+        out = self._expert_outputs(x)
+        return list(out.unbind(0)) if isinstance(out, Tensor) else out  # G × (B, M+1)
+
+    def _expert_outputs(self, x: Tensor) -> Tensor | list[Tensor]:
+        """(G, B, M+1) from one vmapped pass over whole experts, else a list of (B, M_j+1)."""
         mode = self.batch_mode()
         if mode == "vmap":
-            return list(_vmap_call(list(self.experts), x).unbind(0))  # (G, B, M+1) → G × (B, M+1)
+            return _vmap_call(list(self.experts), x, self._stack_cache, "expert.")  # (G, B, M+1)
         if mode == "vmap_backbone":
-            feats = _vmap_call([e.backbone for e in self.experts], x)  # (G, B, d)
+            feats = _vmap_call([e.backbone for e in self.experts], x, self._stack_cache, "backbone.")  # (G, B, d)
             return [e.head(f) for e, f in zip(self.experts, feats.unbind(0))]
         return [e(x) for e in self.experts]
 
     def expert_probs(self, x: Tensor) -> Tensor:
         """Padded expert probabilities P (B, G, Mmax+1), φ in the last column (Eq. 9's p_j)."""
         layout = self._current_layout()
-        logits = layout.pad(self.expert_logits(x), fill=-math.inf)  # (B, G, Mmax[+1])
+        out = self._expert_outputs(x)
+        if isinstance(out, Tensor) and out.shape[-1] in (layout.max_size, layout.max_size + 1) \
+                and layout.equal_sizes:
+            logits = out.transpose(0, 1)  # every M_j = Mmax: already the padded layout (B, G, W)
+        else:
+            logits = layout.pad(list(out), fill=-math.inf)  # (B, G, Mmax[+1])
         return torch.softmax(logits, dim=-1)
 
     def upsilon(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -113,6 +114,16 @@ class GroupLayout:
     def max_size(self) -> int:
         return int(self.class_index.shape[1])
 
+    @cached_property
+    def sizes_list(self) -> list[int]:
+        """M_j as Python integers (read by every :meth:`pad`; no device sync)."""
+        return [int(m) for m in self.sizes.tolist()]
+
+    @cached_property
+    def equal_sizes(self) -> bool:
+        """Every group has Mmax classes: padding is the identity (up to moving nothing)."""
+        return all(m == self.max_size for m in self.sizes_list)
+
     @property
     def groups(self) -> list[list[int]]:
         """The task groups back as lists of class positions."""
@@ -139,7 +150,7 @@ class GroupLayout:
         if len(outputs) != self.n_groups:
             raise MismatchError(f"{len(outputs)} expert outputs for {self.n_groups} task groups")
         widths = [int(o.shape[-1]) for o in outputs]
-        sizes = self.sizes.tolist()
+        sizes = self.sizes_list
         if widths == [m + 1 for m in sizes]:
             not_in_group = True
         elif widths == sizes:

@@ -1,0 +1,356 @@
+"""Throughput and peak memory of the mixture against its experts, one expert and the flat model
+(issue #6 items 1–2): inference and training images/s, measured side by side in one process.
+
+Settings (small_cnn experts, ``WIDTH`` wide, synthetic uint8 images; groups are SPEC §3's circular
+windows from :func:`dmde.groups.circular_groups`):
+
+* ``demo``: N = 10 classes, M = 4, λ = 0.5 → 5 experts, 28 px (the bundled ``dmde demo``);
+* ``tiny``: N = 200, M = 50, λ = 0.5 → 8 experts, 32 px (Tiny-ImageNet-like).
+
+Inference (``torch.no_grad``, eval mode), at batch 1, 32 and 256, images/s of: the mixture with
+``batched=True`` (one vmapped pass) and ``batched=False`` (a loop over experts), the experts alone
+(a loop of ``expert(x)``: the sum of their own compute, the reference of the overhead target), one
+expert, and the flat model (same backbone + Linear(d, N)). Overhead = time(mixture) /
+time(experts alone) − 1: padding, N-way softmax input, stacking (Eq. 7), N-way layer, vmap.
+
+Training (train mode, SGD, no augmentation for either side), images/s of: the expert stage through
+dmde's ``training.fit`` (multi-task loss of Eq. 6 with a fixed S, a checkpoint per epoch) against a
+plain PyTorch loop over the same expert and data; end-to-end fine-tuning (Eq. 11,
+``fusion.mixture_loss``) through ``training.fit`` with the batched mixture against plain loops with
+the batched and the looped mixture.
+
+Timing: every variant of a setting runs in the same process, interleaved (the order rotates every
+trial), ``TRIALS`` trials, median reported. Memory: each configuration again in a fresh
+subprocess; "peak MB" is that process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``
+once the models and data are built) minus its RSS at that moment, i.e. the extra memory of running it (activations, gradients, stacked weights,
+optimizer state), not the weights themselves.
+
+    python benchmarks/throughput.py                    # both settings, tables in markdown
+    python benchmarks/throughput.py --settings demo --trials 3 --no-memory
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# One place for every setting (units in the names).
+SETTINGS = {
+    "demo": dict(n_classes=10, group_size=4, overlap=0.5, image_px=28),
+    "tiny": dict(n_classes=200, group_size=50, overlap=0.5, image_px=32),
+}
+WIDTH = 48  # small_cnn width (the demo's default)
+BATCHES = (1, 32, 256)
+MIN_IMAGES_PER_TIMING = 32  # batch 1 is timed over this many calls
+TRAIN_IMAGES = 256  # images per training epoch timed
+TRAIN_BATCH = 32
+TRIALS = 5
+LR = 0.01
+INFER_VARIANTS = ("mixture batched", "mixture loop", "experts alone", "one expert", "flat")
+TRAIN_VARIANTS = ("expert: fit", "expert: plain loop", "e2e: fit batched", "e2e: plain batched",
+                  "e2e: plain loop")
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MB (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_mb() -> float:
+    """Reset the peak RSS to the current RSS (``clear_refs`` 5) and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_mb("VmRSS")
+
+
+def build(setting: str, seed: int = 0):
+    """Models and data of a setting: mixtures (batched, loop), experts, flat model, images."""
+    import torch
+
+    from dmde.backbones import create_backbone
+    from dmde.baselines import FlatClassifier
+    from dmde.expert import Expert
+    from dmde.fusion import Mixture, NWaySoftmax
+    from dmde.groups import circular_groups
+
+    s = SETTINGS[setting]
+    groups = [[int(c) for c in g] for g in circular_groups(s["n_classes"], s["group_size"], s["overlap"])]
+    torch.manual_seed(seed)
+    experts = [Expert.build("small_cnn", len(g), width=WIDTH) for g in groups]
+    n = s["n_classes"]
+
+    def mixture(batched: bool) -> Mixture:
+        import copy
+
+        mix = Mixture(copy.deepcopy(experts), groups, n, stacking="eq7",
+                      nway=NWaySoftmax(n, kind="dense", input="log"), batched=batched)
+        return mix
+
+    flat = FlatClassifier(create_backbone("small_cnn", width=WIDTH), n)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (max(BATCHES + (TRAIN_IMAGES,)), 3, s["image_px"], s["image_px"]),
+                           dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, n, (images.shape[0],), generator=g)
+    return groups, experts, mixture, flat, images, targets
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+def infer_fn(variant: str, models: dict):
+    import torch
+
+    if variant == "mixture batched":
+        return models["batched"]
+    if variant == "mixture loop":
+        return models["loop"]
+    if variant == "experts alone":
+        experts = list(models["loop"].experts)
+        return lambda x: [e(x) for e in experts]
+    if variant == "one expert":
+        return models["loop"].experts[0]
+    if variant == "flat":
+        return models["flat"]
+    raise ValueError(variant)
+
+
+def time_inference(fn, x, calls: int) -> float:
+    """Seconds per image."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        return (time.perf_counter() - t0) / (calls * x.shape[0])
+
+
+def normalised(images, idx):
+    return images[idx].float().div_(255.0).sub_(0.5).div_(0.25)
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def multitask_loss_fn(S):
+    from dmde.multitask import multitask_loss
+
+    def loss_fn(model, x, y):
+        logits = model(x)
+        return multitask_loss(logits, y, model.head.class_weights, S, delta2=1e-3), logits
+
+    return loss_fn
+
+
+def e2e_loss_fn(model, x, y):
+    from dmde.fusion import mixture_loss
+
+    return mixture_loss(model, x, y)[0], None
+
+
+def plain_loop(model, loss_fn, images, targets, batch: int) -> None:
+    """The reference: index, normalise, forward, loss, backward, SGD step."""
+    import torch
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9,
+                          nesterov=True, weight_decay=5e-4)
+    model.train()
+    order = torch.randperm(images.shape[0])
+    for s in range(0, images.shape[0], batch):
+        idx = order[s : s + batch]
+        x, y = normalised(images, idx), targets[idx]
+        loss, _ = loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def dmde_fit(model, loss_fn, images, targets, batch: int, tmp: Path, epoch_samples=None) -> None:
+    from dmde.training import ImageTensors, OptimConfig, fit
+
+    ckpt = tmp / "bench.pt"
+    for p in (ckpt, ckpt.with_suffix(".jsonl")):
+        p.unlink(missing_ok=True)
+    cfg = OptimConfig(epochs=1, batch_size=batch, lr=LR, augment=False)
+    data = ImageTensors(images, targets, mean=(0.5,) * 3, std=(0.25,) * 3)
+    fit(model, data, cfg, loss_fn, ckpt, epoch_samples=epoch_samples, progress=False)
+
+
+def train_runner(variant: str, models: dict, groups, images, targets, tmp: Path):
+    """A callable training one epoch of ``TRAIN_IMAGES`` images with ``variant``."""
+    import torch
+
+    imgs, tg = images[:TRAIN_IMAGES], targets[:TRAIN_IMAGES]
+    m0 = len(groups[0])
+    y_expert = torch.where(tg < m0, tg, torch.full_like(tg, m0))  # in-group labels, else not-in-group
+    S = torch.rand(m0, m0, generator=torch.Generator().manual_seed(1))
+    S = (S + S.T) / 2
+    expert = models["expert"]
+    if variant == "expert: fit":
+        return lambda: dmde_fit(expert, multitask_loss_fn(S), imgs, y_expert, TRAIN_BATCH, tmp)
+    if variant == "expert: plain loop":
+        return lambda: plain_loop(expert, multitask_loss_fn(S), imgs, y_expert, TRAIN_BATCH)
+    if variant == "e2e: fit batched":
+        return lambda: dmde_fit(models["batched"], e2e_loss_fn, imgs, tg, TRAIN_BATCH, tmp)
+    if variant == "e2e: plain batched":
+        return lambda: plain_loop(models["batched"], e2e_loss_fn, imgs, tg, TRAIN_BATCH)
+    if variant == "e2e: plain loop":
+        return lambda: plain_loop(models["loop"], e2e_loss_fn, imgs, tg, TRAIN_BATCH)
+    raise ValueError(variant)
+
+
+def make_models(setting: str) -> tuple[dict, list, "object", "object"]:
+    import copy
+
+    groups, experts, mixture, flat, images, targets = build(setting)
+    models = {"batched": mixture(True).eval(), "loop": mixture(False).eval(), "flat": flat.eval(),
+              "expert": copy.deepcopy(experts[0])}
+    return models, groups, images, targets
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def run_timings(setting: str, trials: int) -> dict:
+    import torch
+
+    models, groups, images, targets = make_models(setting)
+    out: dict = {"infer": {}, "train": {}}
+    for b in BATCHES:
+        x = normalised(images, torch.arange(b))
+        calls = max(1, MIN_IMAGES_PER_TIMING // b)
+        for v in INFER_VARIANTS:  # warm-up (fills the stacked-weight cache of the batched mixture)
+            time_inference(infer_fn(v, models), x, 1)
+        res = {v: [] for v in INFER_VARIANTS}
+        for t in range(trials):
+            order = INFER_VARIANTS[t % len(INFER_VARIANTS):] + INFER_VARIANTS[: t % len(INFER_VARIANTS)]
+            for v in order:
+                res[v].append(time_inference(infer_fn(v, models), x, calls))
+        out["infer"][b] = {v: statistics.median(ts) for v, ts in res.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {v: train_runner(v, models, groups, images, targets, Path(tmp)) for v in TRAIN_VARIANTS}
+        runners[TRAIN_VARIANTS[0]]()  # warm-up
+        runners["e2e: plain batched"]()
+        res = {v: [] for v in TRAIN_VARIANTS}
+        for t in range(trials):
+            order = TRAIN_VARIANTS[t % len(TRAIN_VARIANTS):] + TRAIN_VARIANTS[: t % len(TRAIN_VARIANTS)]
+            for v in order:
+                t0 = time.perf_counter()
+                runners[v]()
+                res[v].append((time.perf_counter() - t0) / TRAIN_IMAGES)
+        out["train"] = {v: statistics.median(ts) for v, ts in res.items()}
+    return out
+
+
+def memory_worker(setting: str, kind: str, variant: str, batch: int) -> dict:
+    """Peak RSS growth (MB) of one configuration, run in this (fresh) process."""
+    import torch
+
+    models, groups, images, targets = make_models(setting)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "infer":
+            x = normalised(images, torch.arange(batch))
+            fn = infer_fn(variant, models)
+            base = _reset_peak_mb()
+            for _ in range(2):
+                time_inference(fn, x, 1)
+        else:
+            run = train_runner(variant, models, groups, images, targets, Path(tmp))
+            base = _reset_peak_mb()
+            run()
+    return {"peak_mb": _status_mb("VmHWM") - base}
+
+
+def memory(setting: str, threads: int) -> dict:
+    out: dict = {"infer": {}, "train": {}}
+    configs = [("infer", v, 256) for v in INFER_VARIANTS] + [("train", v, TRAIN_BATCH) for v in TRAIN_VARIANTS]
+    for kind, v, b in configs:
+        cmd = [sys.executable, __file__, "--worker", json.dumps([setting, kind, v, b]), "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[kind][v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    return out
+
+
+def machine(threads: int) -> str:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()} cores (nproc), {cpu}, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {threads} threads")
+
+
+def table(setting: str, t: dict, mem: dict | None) -> str:
+    s = SETTINGS[setting]
+    lines = [f"### {setting}: N = {s['n_classes']}, M = {s['group_size']}, λ = {s['overlap']}, "
+             f"{s['image_px']} px, small_cnn width {WIDTH}", "",
+             "| inference | " + " | ".join(f"img/s @ batch {b}" for b in BATCHES)
+             + (" | peak MB @ 256 |" if mem else " |"),
+             "|---|" + "---:|" * (len(BATCHES) + bool(mem))]
+    for v in INFER_VARIANTS:
+        row = [f"{1 / t['infer'][b][v]:.0f}" for b in BATCHES]
+        if mem:
+            row.append(f"{mem['infer'][v]:.0f}")
+        lines.append(f"| {v} | " + " | ".join(row) + " |")
+    for name, num, den in (("batched / loop (speed-up)", "mixture loop", "mixture batched"),):
+        lines.append(f"| {name} | " + " | ".join(f"{t['infer'][b][num] / t['infer'][b][den]:.2f}×"
+                                                for b in BATCHES) + (" | |" if mem else " |"))
+    for v in ("mixture loop", "mixture batched"):
+        lines.append(f"| overhead of {v} over experts alone | "
+                     + " | ".join(f"{100 * (t['infer'][b][v] / t['infer'][b]['experts alone'] - 1):+.0f}%"
+                                  for b in BATCHES) + (" | |" if mem else " |"))
+    lines += ["", f"| training (batch {TRAIN_BATCH}, {TRAIN_IMAGES} images/epoch) | img/s | ratio |"
+              + (" peak MB |" if mem else ""), "|---|---:|---:|" + ("---:|" if mem else "")]
+    refs = {"expert: fit": "expert: plain loop", "e2e: fit batched": "e2e: plain batched",
+            "e2e: plain batched": "e2e: plain loop"}
+    for v in TRAIN_VARIANTS:
+        ratio = f"{t['train'][refs[v]] / t['train'][v]:.2f}× vs {refs[v]}" if v in refs else "1.00×"
+        lines.append(f"| {v} | {1 / t['train'][v]:.1f} | {ratio} |" + (f" {mem['train'][v]:.0f} |" if mem else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--trials", type=int, default=TRIALS)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-configuration subprocesses")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(memory_worker(*json.loads(args.worker))))
+        return
+    load0 = os.getloadavg()
+    t0 = time.time()
+    parts = []
+    for setting in args.settings:
+        t = run_timings(setting, args.trials)
+        mem = None if args.no_memory else memory(setting, args.threads)
+        parts.append(table(setting, t, mem))
+    load1 = os.getloadavg()
+    cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    print(f"## Throughput ({datetime.date.today().isoformat()})\n")
+    print(f"`{cmd.strip()}`; {machine(args.threads)}; {args.trials} trials, medians; "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {time.time() - t0:.0f} s.\n")
+    print("\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
