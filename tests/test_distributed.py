@@ -33,12 +33,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_two_gloo_ranks_write_the_same_experts_as_one_process(tmp_path, real_wordnet_dir):
+def _torchrun() -> str:
     torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        torchrun = shutil.which("torchrun")
-    if torchrun is None:
+    found = str(torchrun) if torchrun.exists() else shutil.which("torchrun")
+    if found is None:
         pytest.skip("torchrun not found")
+    return found
+
+
+def test_two_gloo_ranks_write_the_same_experts_as_one_process(tmp_path, real_wordnet_dir):
+    torchrun = _torchrun()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     one = subprocess.run([sys.executable, "-m", "dmde", "train-experts", "--config", str(cfg),
@@ -59,3 +63,25 @@ def test_two_gloo_ranks_write_the_same_experts_as_one_process(tmp_path, real_wor
         sb = load_checkpoint(tmp_path / "two" / "experts" / name)["model"]
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_whole_pipeline_under_torchrun(tmp_path, real_wordnet_dir):
+    """``dmde train`` on 2 ranks: experts spread, fine-tuning and flat data-parallel, the rest on
+    rank 0; every stage finishes and the metrics are written once."""
+    cfg = dict(CONFIG)
+    cfg["fusion"] = {"epochs": 3, "finetune": {"epochs": 1, "batch_size": 16}}
+    cfg["baselines"] = {"flat": True, "epochs": 1}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "dmde", "train",
+                          "--config", str(path), "--out", str(tmp_path / "run")],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("ontology", "groups", "experts", "fusion", "finetune", "flat", "evaluate"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"mixture", "mixture_nway", "mixture_upsilon", "flat"} <= set(metrics)
+    # one table printed, by rank 0 only
+    assert out.stdout.count("| model |") == 1

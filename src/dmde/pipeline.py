@@ -356,6 +356,11 @@ class Run:
         self.stages: dict[str, dict[str, Any]] = read_json(self._stages_path) if self._stages_path.exists() else {}
         self.trained: list[str] = []  # stages that did work in this invocation
 
+    def reload(self) -> None:
+        """Re-read the bookkeeping (another rank may have finished a stage)."""
+        if self._stages_path.exists():
+            self.stages = read_json(self._stages_path)
+
     def is_done(self, name: str, h: str) -> bool:
         rec = self.stages.get(name)
         ok = rec is not None and rec.get("hash") == h and rec.get("done")
@@ -409,7 +414,8 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
           only_experts: Sequence[int] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage up to ``until`` (default: all); returns the metrics."""
     from dmde.ontology import Ontology, build_semantic_ontology
-    from dmde.train_experts import barrier, dist_context, train_all_experts
+    from dmde.distributed import barrier, dist_context
+    from dmde.train_experts import train_all_experts
     from dmde.wordnet import WordNet
 
     if until is not None and until not in STAGES:
@@ -475,43 +481,52 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
         barrier()
         if only_experts is not None:
             return {"experts": results}
-    if rank != 0 or not want("fusion"):
+    if not want("fusion"):
         return {}
 
+    def stage(name: str, enabled: bool, fn, parallel: bool = False, record=None) -> None:
+        """Run a stage once: on rank 0, or on every rank (data-parallel) when ``parallel``;
+        ``record()`` adds facts about the finished stage to stages.json."""
+        barrier()
+        run.reload()
+        if not enabled or run.is_done(name, hashes[name]):
+            return
+        if rank == 0:
+            run.begin(name, hashes[name])
+        barrier()
+        if parallel or rank == 0:
+            fn()
+        barrier()
+        if rank == 0:
+            run.finish(name, **(record() if record else {}))
+
     experts = load_experts(run.dir, onto, groups)
+    everything = cat_data(splits.train, splits.fusion)
     # ---- fusion: the N-way softmax on Υ (Eqs. 7–10), experts frozen
-    fusion_data = splits.fusion if len(splits.fusion) else splits.train
-    if cfg.fusion.nway != "none" and not run.is_done("fusion", hashes["fusion"]):
-        run.begin("fusion", hashes["fusion"])
-        train_fusion(run.dir / "fusion.pt", experts, groups.groups, n, fusion_data, cfg.fusion, device, progress)
-        run.finish("fusion")
-
-    # ---- end-to-end fine-tuning (Eq. 11)
-    if want("finetune") and cfg.fusion.finetune.epochs > 0 and not run.is_done("finetune", hashes["finetune"]):
-        run.begin("finetune", hashes["finetune"])
-        mixture = build_mixture(run.dir, cfg, experts, groups.groups, n, stage="fusion")
-        finetune(run.dir / "mixture.pt", mixture, cat_data(splits.train, splits.fusion), cfg, onto.hash(),
-                 device, progress)
-        run.finish("finetune")
-
+    stage("fusion", cfg.fusion.nway != "none",
+          lambda: train_fusion(run.dir / "fusion.pt", experts, groups.groups, n,
+                               splits.fusion if len(splits.fusion) else splits.train, cfg.fusion, device, progress))
+    # ---- end-to-end fine-tuning (Eq. 11), data-parallel under torchrun
+    stage("finetune", want("finetune") and cfg.fusion.finetune.epochs > 0,
+          lambda: finetune(run.dir / "mixture.pt", build_mixture(run.dir, cfg, experts, groups.groups, n, "fusion"),
+                           everything, cfg, onto.hash(), device, progress), parallel=True)
     # ---- baselines (§V)
-    if want("flat") and cfg.baselines.flat and not run.is_done("flat", hashes["flat"]):
-        run.begin("flat", hashes["flat"])
-        train_flat(run.dir / "flat.pt", cat_data(splits.train, splits.fusion), n, cfg, onto.hash(), device,
-                   progress)
-        run.finish("flat")
-    if want("flat_wide") and cfg.baselines.width_matched_flat and not run.is_done("flat_wide", hashes["flat_wide"]):
-        run.begin("flat_wide", hashes["flat_wide"])
+    stage("flat", want("flat") and cfg.baselines.flat,
+          lambda: train_flat(run.dir / "flat.pt", everything, n, cfg, onto.hash(), device, progress), parallel=True)
+
+    def flat_wide() -> None:
         model, match = width_matched_model(cfg, n, groups, splits.train)
-        train_flat(run.dir / "flat_wide.pt", cat_data(splits.train, splits.fusion), n, cfg, onto.hash(), device,
-                   progress, model=model, extra={"width_match": match})
-        run.finish("flat_wide", **match)
-    if want("early_fusion") and cfg.baselines.early_fusion and not run.is_done("early_fusion",
-                                                                                 hashes["early_fusion"]):
-        run.begin("early_fusion", hashes["early_fusion"])
-        train_early_fusion(run.dir / "early_fusion.pt", experts, cat_data(splits.train, splits.fusion), n, cfg,
-                           device, progress)
-        run.finish("early_fusion")
+        train_flat(run.dir / "flat_wide.pt", everything, n, cfg, onto.hash(), device, progress, model=model,
+                   extra={"width_match": match})
+
+    from dmde.checkpoint import load_checkpoint
+
+    stage("flat_wide", want("flat_wide") and cfg.baselines.width_matched_flat, flat_wide, parallel=True,
+          record=lambda: load_checkpoint(run.dir / "flat_wide.pt")["width_match"])
+    stage("early_fusion", want("early_fusion") and cfg.baselines.early_fusion,
+          lambda: train_early_fusion(run.dir / "early_fusion.pt", experts, everything, n, cfg, device, progress))
+    if rank != 0:
+        return {}
 
     # ---- evaluation
     if want("evaluate") and not run.is_done("evaluate", hashes["evaluate"]):
@@ -706,7 +721,7 @@ def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig,
 
     sims_dev = [None if s is None else s.to(device) for s in sims]
     return fit(mixture, data, cfg.fusion.finetune, loss_fn, path, identity={"ontology_hash": ontology_hash},
-               seed_parts=(0xE2E,), device=device, desc="fine-tune", progress=progress)
+               seed_parts=(0xE2E,), device=device, desc="fine-tune", progress=progress, data_parallel=True)
 
 
 def width_matched_model(cfg: RunConfig, n: int, groups, data: ImageTensors) -> tuple[nn.Module, dict[str, Any]]:
@@ -761,7 +776,7 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
 
     return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
                extra_state=(lambda: dict(extra)) if extra else None,
-               seed_parts=(0xF1A7,), device=device, desc=path.stem, progress=progress)
+               seed_parts=(0xF1A7,), device=device, desc=path.stem, progress=progress, data_parallel=True)
 
 
 def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,

@@ -23,6 +23,7 @@ from torch import nn
 from dmde.checkpoint import check_expert_checkpoint, load_checkpoint
 from dmde.config import from_dict, to_dict
 from dmde.errors import DmdeValueError
+from dmde.distributed import barrier, dist_context, my_share
 from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits, prepare_inputs
 
 
@@ -209,34 +210,6 @@ def load_expert(path: str | os.PathLike, ontology_hash: str | None = None,
 
 
 # --------------------------------------------------------------------------- distributed
-
-
-def dist_context() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; initialises the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        # Share the machine's cores between the ranks on it instead of oversubscribing.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def my_share(items: Sequence[int], rank: int, world: int) -> list[int]:
-    """Experts are spread round-robin over the ranks: rank r trains items r, r+P, r+2P, ..."""
-    return [it for k, it in enumerate(items) if k % world == rank]
 
 
 def train_all_experts(

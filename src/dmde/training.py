@@ -132,14 +132,19 @@ def fit(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     params: Sequence[nn.Parameter] | None = None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resuming from ``ckpt_path`` when it exists.
 
     ``loss_fn(model, x, y) -> (loss, logits)``; ``epoch_samples(e) -> (indices, labels)``
     (default: every sample with its target); ``identity`` is stored in the checkpoint and
     must match on resume (e.g. the ontology hash). Returns the last epoch's metrics.
-    ``stop_after_epoch`` simulates a crash, for tests.
+    ``stop_after_epoch`` simulates a crash, for tests. With ``data_parallel`` under torchrun,
+    each rank takes its slice of every global batch (``world × batch_size`` samples), gradients
+    are averaged, and rank 0 writes the checkpoint.
     """
+    from dmde.distributed import average_gradients, barrier, dist_context
+
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -152,7 +157,9 @@ def fit(
         def epoch_samples(_e: int) -> tuple[torch.Tensor, torch.Tensor]:
             return all_idx, data.targets
 
-    optimizer = make_optimizer(cfg, params if params is not None else model.parameters())
+    rank, world = dist_context() if data_parallel else (0, 1)
+    trained = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(cfg, trained)
     start, metrics = 0, {}
     if path.exists():
         state = load_checkpoint(path)
@@ -169,8 +176,9 @@ def fit(
             return metrics
     _truncate_log(log_path, start)
 
+    batch = cfg.batch_size * world  # the global batch; rank r takes its r-th slice
     sizes = [int(epoch_samples(e)[0].numel()) for e in range(cfg.epochs)]
-    steps = [max(1, math.ceil(n / cfg.batch_size)) for n in sizes]
+    steps = [max(1, math.ceil(n / batch)) for n in sizes]
     total, step = sum(steps), sum(steps[:start])
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -184,16 +192,22 @@ def fit(
         model.train()
         tot_loss = 0.0
         correct = seen = 0
-        bar = tqdm(range(0, idx.numel(), cfg.batch_size), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False, mininterval=1.0)
+        bar = tqdm(range(0, idx.numel(), batch), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank != 0, leave=False, mininterval=1.0)
         for s in bar:
-            y = labels[s : s + cfg.batch_size].to(device)
-            x = prepare_inputs(data, idx[s : s + cfg.batch_size], cfg.augment, cfg.crop_padding, gen, device)
+            b_idx, b_lab = idx[s : s + batch], labels[s : s + batch]
+            if world > 1:
+                b_idx, b_lab = b_idx[rank::world], b_lab[rank::world]
+            y = b_lab.to(device)
+            # (all ranks drew the same permutation above; their augmentation draws may differ)
+            x = prepare_inputs(data, b_idx, cfg.augment, cfg.crop_padding, gen, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step, total, steps[epoch])
             loss, logits = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                average_gradients(trained, world)
             optimizer.step()
             step += 1
             n = y.numel()
@@ -212,9 +226,12 @@ def fit(
                  "metrics": metrics, **identity}
         if extra_state is not None:
             state.update(extra_state())
-        save_checkpoint(path, state)
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        if rank == 0:
+            save_checkpoint(path, state)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if world > 1:
+            barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return metrics
