@@ -83,7 +83,7 @@ def test_identity_init_keeps_argmax(kind, inp):
     torch.testing.assert_close(layer.weight(), torch.eye(50))
     logits = layer(u)
     assert torch.equal(logits.argmax(1), u.argmax(1))
-    expected = torch.log(u + layer.log_eps) if inp == "log" else u
+    expected = torch.log(u / u.sum(1, keepdim=True) + layer.log_eps) if inp == "log" else u
     torch.testing.assert_close(logits, expected)
 
 

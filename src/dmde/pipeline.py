@@ -81,12 +81,12 @@ class FusionConfig:
     stacking: str = "eq7"  # eq7 | eq7_log | stack2 | sum
     eps: float = 1e-4  # φ is clamped to [eps, 1]
     lam: float = 0.5  # λ of Stack 2 (Eq. 12)
-    nway: str = "dense"  # dense | lowrank | none
+    nway: str = "lowrank"  # dense | lowrank (diagonal + rank-r, linear in N) | none
     rank: int = 32
-    input: str = "log"  # the N-way layer sees log Υ (log) or Υ (upsilon)
-    epochs: int = 30  # N-way layer on cached Υ
-    lr: float = 0.01
-    identity_l2: float = 1e-3  # pull A towards I: a small N-way layer must not forget argmax Υ
+    input: str = "log"  # the N-way layer sees log(Υ/ΣΥ + ε) (log) or Υ itself (upsilon)
+    epochs: int = 10  # N-way layer on cached Υ
+    lr: float = 1e-3
+    identity_l2: float = 1e-2  # pull A towards I: a small fusion split must not undo argmax Υ
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
     batched: bool = True  # inference: run all experts in one vmap pass where possible
