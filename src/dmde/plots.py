@@ -1,5 +1,7 @@
-"""Figures: the two-layer ontology (Figs. 1–2, 15); later stages add accuracy curves (Figs. 5–6,
-10–14) and prediction panels (Figs. 7–9).
+"""Figures: the two-layer ontology (Figs. 1–2, 15), per-class accuracy curves (Figs. 5–6),
+accuracy against the number of experts and against λ (Figs. 13–14), prediction panels with an
+image and the top-5 classes of two models side by side (Figs. 7–9), and bar charts (e.g. the mean
+WordNet distance of each model's mistakes).
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` (no pyplot state, no display
 needed) and writes a PNG atomically.
@@ -16,7 +18,7 @@ from dmde.io import atomic_write
 if TYPE_CHECKING:
     from dmde.ontology import Ontology
 
-__all__ = ["plot_ontology", "plot_per_class"]
+__all__ = ["plot_ontology", "plot_per_class", "plot_curves", "plot_bars", "plot_predictions"]
 
 #: Above this many classes the ontology figure shows categories only (leaf labels unreadable).
 MAX_LEAVES = 300
@@ -108,4 +110,74 @@ def plot_per_class(per_class: dict[str, np.ndarray], path: str | os.PathLike, ti
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title or "Per-class accuracy")
+    _save(fig, path, dpi)
+
+
+def plot_curves(x: list[float], series: dict[str, tuple[list[float], list[float] | None]], path: str | os.PathLike,
+                xlabel: str, ylabel: str, title: str, dpi: int = 120) -> None:
+    """One line per series, ``series[name] = (y, yerr or None)`` over the shared ``x`` (Figs. 13, 14)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (y, err) in series.items():
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, lw=1.5, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, path, dpi)
+
+
+def plot_bars(names: list[str], values: list[float], errors: list[float] | None, path: str | os.PathLike,
+              ylabel: str, title: str, dpi: int = 120) -> None:
+    """A bar per model with an error bar (e.g. mean ± std over seeds)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 0.9 * len(names) + 2), 4))
+    ax = fig.add_subplot(1, 1, 1)
+    pos = np.arange(len(names))
+    ax.bar(pos, values, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+    for p, v in zip(pos, values):
+        ax.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title)
+    _save(fig, path, dpi)
+
+
+def plot_predictions(images: list[np.ndarray], truths: list[str],
+                     predictions: dict[str, list[list[tuple[str, float]]]], path: str | os.PathLike,
+                     title: str | None = None, dpi: int = 100) -> None:
+    """The paper's Figs. 7–9: each image (H, W, 3 uint8) with its true class, and for every model
+    its top-k classes with scores, side by side; a correct class is drawn in green."""
+    from matplotlib.figure import Figure
+
+    models = list(predictions)
+    n = len(images)
+    fig = Figure(figsize=(2.0 + 3.2 * len(models), 1.9 * n))
+    for i, (img, truth) in enumerate(zip(images, truths)):
+        ax = fig.add_subplot(n, 1 + len(models), i * (1 + len(models)) + 1)
+        ax.imshow(img, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(truth, fontsize=8)
+        for m, name in enumerate(models):
+            ax = fig.add_subplot(n, 1 + len(models), i * (1 + len(models)) + 2 + m)
+            top = predictions[name][i]
+            labels = [lemma for lemma, _ in top][::-1]
+            scores = [score for _, score in top][::-1]
+            colours = ["tab:green" if lemma == truth else "tab:gray" for lemma in labels]
+            ax.barh(np.arange(len(top)), scores, color=colours)
+            ax.set_yticks(np.arange(len(top)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.tick_params(axis="x", labelsize=6)
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     _save(fig, path, dpi)

@@ -1,0 +1,108 @@
+"""``dmde experiment``: the whole paper suite end to end on tiny synthetic data, its report,
+reuse of finished runs and of shared stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmde.cli import main
+from dmde.experiment import load_suite, plan, row_config, verdict
+
+# On top of the suite's own --quick overrides: tiny synthetic images (10 classes), ~1 s per run.
+TINY = ["data.dataset=synthetic", "data.image_size=12", "data.synthetic_per_class=20", "data.holdout_per_class=5",
+        "data.fusion_per_class=3", "groups.size=4", "ontology.categories=3", "experts.backbone=small_cnn",
+        "experts.backbone_kwargs={width: 8}", "experts.batch_size=32", "experts.similarity_per_class=4",
+        "experts.epochs=1", "fusion.epochs=2", "fusion.finetune.epochs=0", "baselines.early_fusion_epochs=2",
+        "groups.visual_per_class=4"]
+TABLES = ("### Table I", "### Table II", "### Table III", "### Table IV", "### The paper's claims here",
+          "### Figures", "### Wall time")
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory, real_wordnet_dir):
+    out = tmp_path_factory.mktemp("suite")
+    args = ["experiment", "--out", str(out / "runs"), "--report", str(out / "report"), "--regime", "scratch",
+            "--quick", *TINY]
+    assert main(args) == 0
+    return out, args
+
+
+def test_report_has_every_table_and_figure(suite_run):
+    out, _ = suite_run
+    text = (out / "report" / "REPORT.md").read_text()
+    for heading in TABLES:
+        assert heading in text, heading
+    for claim in ("mixture > flat", "tree-guided > random", "semantic ≳ visual tree", "accuracy rises with λ",
+                  "multi-task > without", "late > early fusion", "Stack 1 ≳ Stack 2"):
+        assert f"| {claim}" in text, claim
+    assert "not measured" not in text  # every row finished
+    for fig in ("ontology", "per_class_mixture_flat", "per_class_variants", "accuracy_vs_lambda",
+                "accuracy_vs_experts", "mistake_distance", "predictions"):
+        assert (out / "report" / f"scratch_{fig}.png").stat().st_size > 1000, fig
+        assert f"scratch_{fig}.png" in text
+    assert "/tmp" not in text and str(out) not in text  # no machine paths in the report
+    # Table III has all six λ and Table I the width-matched flat model (from-scratch regime)
+    for lam in ("0.0", "0.1", "0.2", "0.3", "0.4", "0.5"):
+        assert f"| {lam} |" in text
+    assert "flat, width-matched" in text
+
+
+def test_every_row_is_a_train_run_and_stages_are_shared(suite_run):
+    out, _ = suite_run
+    runs = out / "runs" / "scratch"
+    names = sorted(p.name for p in runs.iterdir())
+    assert names == sorted(f"{r.name}-s0" for r in load_suite("paper").rows)
+    for d in runs.iterdir():
+        assert (d / "config.yaml").exists() and (d / "metrics.json").exists()
+    stack2 = json.loads((runs / "stack2-s0" / "stages.json").read_text())
+    assert stack2["experts"]["shared_from"] == "mixture-s0"  # Stack 2 reuses the mixture's experts
+    assert stack2["flat"]["shared_from"] == "mixture-s0"
+    assert "shared_from" not in stack2["fusion"]
+    a, b = runs / "mixture-s0" / "experts" / "expert_000.pt", runs / "stack2-s0" / "experts" / "expert_000.pt"
+    assert a.stat().st_ino == b.stat().st_ino  # hard-linked, not trained again
+    # the λ = 0 row: 10 classes, M = 4 → 3 groups; λ = 0.5: 5
+    assert len(json.loads((runs / "lambda_0.0-s0" / "groups.json").read_text())["groups"]) == 3
+    assert len(json.loads((runs / "mixture-s0" / "groups.json").read_text())["groups"]) == 5
+
+
+def test_rerun_reuses_finished_runs(suite_run, capsys):
+    out, args = suite_run
+    runs = out / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file() and p.name != "suite.json"}
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished, reused") == len(load_suite("paper").rows)
+    after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file() and p.name != "suite.json"}
+    assert after == before
+
+
+def test_paper_suite_configs_are_valid(tmp_path):
+    suite = load_suite("paper")
+    assert suite.regimes == ["pretrained", "scratch"]
+    for regime in suite.regimes:
+        for r, row, seed in [(g, row, s) for g, row, s in plan(suite, [regime])]:
+            cfg = row_config(suite, r, row, seed, tmp_path, data=str(tmp_path / "tiny.zip"))
+            assert cfg.data.dataset == "tiny_imagenet" and cfg.experts.seed == seed
+            assert cfg.data.cache.endswith(f"{regime}_images.pt")
+    mix = row_config(suite, "pretrained", suite.row("mixture"), 0, tmp_path)
+    assert mix.experts.backbone == "efficientnet_lite0" and mix.experts.backbone_kwargs["freeze_trunk"]
+    assert mix.groups.size == 50 and mix.groups.overlap == 0.5
+    assert len(suite.row("mixture").seeds) >= 3
+
+
+def test_verdicts():
+    assert verdict({0: 0.02, 1: 0.01, 2: 0.03}) == "holds"
+    assert verdict({0: 0.02, 1: -0.01, 2: 0.03}).startswith("holds on average")
+    assert verdict({0: -0.02, 1: -0.01}) == "does not hold"
+    assert verdict({0: -0.001, 1: 0.0005}, weak=True).startswith("holds within noise")
+    assert verdict({}) == "not measured"
+
+
+def test_unknown_suite_or_row_is_one_line(tmp_path, capsys):
+    assert main(["experiment", "--suite", "nope", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["experiment", "--out", str(tmp_path), "--rows", "nope", "--no-report"]) == 2
+    assert "nope" in capsys.readouterr().err
