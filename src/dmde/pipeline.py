@@ -89,8 +89,10 @@ class FusionConfig:
     identity_l2: float = 1e-2  # pull A towards I: a small fusion split must not undo argmax Υ
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
-    batched: bool = True  # inference: run all experts in one vmap pass where possible
-    batched_finetune: bool = False  # the same while fine-tuning (measured slower than the loop on CPU)
+    # Run all experts in one vmap pass (inference / fine-tuning). On this 2-core CPU vmap's grouped
+    # convolutions measured 0.5–0.6× the plain loop at batch 32 (benchmarks/RESULTS.md): off.
+    batched: bool = False
+    batched_finetune: bool = False
 
 
 @dataclass
