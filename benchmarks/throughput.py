@@ -109,8 +109,6 @@ def build(setting: str, seed: int = 0):
 
 
 def infer_fn(variant: str, models: dict):
-    import torch
-
     if variant == "mixture batched":
         return models["batched"]
     if variant == "mixture loop":

@@ -3,7 +3,6 @@ reuse of finished runs and of shared stages."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

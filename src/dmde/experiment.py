@@ -479,7 +479,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           f"epoch(s); the mixture's final model here: **{final}**",
           f"- flat baseline: the same backbone with one N-way softmax, trained on the experts' and the N-way "
           f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)",
-          f"- seeds: a seed sets experts.seed and groups.seed; finished: " +
+          "- seeds: a seed sets experts.seed and groups.seed; finished: " +
           ", ".join(f"{r} {sorted(rr.runs)}" for r, rr in res.items()), ""]
     ks3 = (1, 5, 10)
     # ---- Table I
@@ -779,7 +779,7 @@ def _how_to_run(suite: Suite, out: Path, regimes: Sequence[str], quick: bool) ->
     reg = " ".join(f"--regime {r}" for r in regimes)
     L = ["## How to run, resume and rerun one row", "",
          "```bash",
-         f"# PATH: the Tiny-ImageNet directory or its train.zip",
+         "# PATH: the Tiny-ImageNet directory or its train.zip",
          f"dmde experiment --suite {suite.name} --data PATH --out DIR {reg}{q}",
          f"dmde experiment --suite {suite.name} --out DIR {reg} --report-only --report docs/paper-report",
          "```", "",

@@ -24,7 +24,7 @@ from dmde.checkpoint import check_expert_checkpoint, load_checkpoint
 from dmde.config import from_dict, to_dict
 from dmde.errors import DmdeValueError
 from dmde.distributed import barrier, dist_context, my_share
-from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits, prepare_inputs
+from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits
 
 
 @dataclass
