@@ -1,23 +1,28 @@
 """Throughput and peak memory of the mixture against its experts, one expert and the flat model
 (issue #6 items 1–2): inference and training images/s, measured side by side in one process.
 
-Settings (small_cnn experts, ``WIDTH`` wide, synthetic uint8 images; groups are SPEC §3's circular
-windows from :func:`dmde.groups.circular_groups`):
+Settings (groups are SPEC §3's circular windows from :func:`dmde.groups.circular_groups`):
 
-* ``demo``: N = 10 classes, M = 4, λ = 0.5 → 5 experts, 28 px (the bundled ``dmde demo``);
-* ``tiny``: N = 200, M = 50, λ = 0.5 → 8 experts, 32 px (Tiny-ImageNet-like).
+* ``demo``: N = 10, M = 4, λ = 0.5 → 5 small_cnn experts (width ``WIDTH``), 28 px (``dmde demo``);
+* ``tiny``: N = 200, M = 50, λ = 0.5 → 8 small_cnn experts, 32 px (the from-scratch regime);
+* ``lite0``: N = 200, M = 50, λ = 0.5 → 8 EfficientNet-Lite0 experts over cached trunk outputs
+  (192 × 2 × 2, a 64 px image): the last stage + head conv per expert (the pretrained regime).
 
 Inference (``torch.no_grad``, eval mode), at batch 1, 32 and 256, images/s of: the mixture with
-``batched=True`` (one vmapped pass) and ``batched=False`` (a loop over experts), the experts alone
-(a loop of ``expert(x)``: the sum of their own compute, the reference of the overhead target), one
-expert, and the flat model (same backbone + Linear(d, N)). Overhead = time(mixture) /
-time(experts alone) − 1: padding, N-way softmax input, stacking (Eq. 7), N-way layer, vmap.
+its experts run as one wide network (``batched='wide'``, :mod:`dmde.batched`), in one vmap pass
+(``'vmap'``) and in a loop (``False``); the experts alone (a loop of ``expert(x)``: the sum of
+their own compute, the reference of the overhead target); one expert; the flat model (same
+backbone + Linear(d, N)). For small_cnn the loop and the wide mixture also run on channels-last
+tensors. Overhead = time(mixture) / time(experts alone) − 1: padding, N-way softmax input,
+stacking (Eq. 7), N-way layer, joining weights. "GFLOP/s" = 2 × the experts' multiply-adds per
+image (``dmde.baselines.count_flops``) × images/s; the machine's reference is a 1024³ float32
+matrix product on the same threads.
 
 Training (train mode, SGD, no augmentation for either side), images/s of: the expert stage through
 dmde's ``training.fit`` (multi-task loss of Eq. 6 with a fixed S, a checkpoint per epoch) against a
 plain PyTorch loop over the same expert and data; end-to-end fine-tuning (Eq. 11,
-``fusion.mixture_loss``) through ``training.fit`` with the batched mixture against plain loops with
-the batched and the looped mixture.
+``fusion.mixture_loss``) through ``training.fit`` against a plain loop, and plain loops with the
+wide and the vmapped mixture.
 
 Timing: every variant of a setting runs in the same process, interleaved (the order rotates every
 trial), ``TRIALS`` trials, median reported. Memory: each configuration again in a fresh
@@ -25,7 +30,7 @@ subprocess; "peak MB" is that process's peak RSS (VmHWM, reset through ``/proc/s
 once the models and data are built) minus its RSS at that moment, i.e. the extra memory of running it (activations, gradients, stacked weights,
 optimizer state), not the weights themselves.
 
-    python benchmarks/throughput.py                    # both settings, tables in markdown
+    python benchmarks/throughput.py                    # every setting, tables in markdown
     python benchmarks/throughput.py --settings demo --trials 3 --no-memory
 """
 from __future__ import annotations
@@ -44,9 +49,11 @@ from pathlib import Path
 
 # One place for every setting (units in the names).
 SETTINGS = {
-    "demo": dict(n_classes=10, group_size=4, overlap=0.5, image_px=28),
-    "tiny": dict(n_classes=200, group_size=50, overlap=0.5, image_px=32),
+    "demo": dict(n_classes=10, group_size=4, overlap=0.5, image_px=28, backbone="small_cnn"),
+    "tiny": dict(n_classes=200, group_size=50, overlap=0.5, image_px=32, backbone="small_cnn"),
+    "lite0": dict(n_classes=200, group_size=50, overlap=0.5, image_px=64, backbone="efficientnet_lite0"),
 }
+LITE0_KW = dict(pretrained=False, freeze_trunk=True, trainable_stages=1)  # timing only: no weights needed
 WIDTH = 48  # small_cnn width (the demo's default)
 BATCHES = (1, 32, 256)
 MIN_IMAGES_PER_TIMING = 32  # batch 1 is timed over this many calls
@@ -54,9 +61,19 @@ TRAIN_IMAGES = 256  # images per training epoch timed
 TRAIN_BATCH = 32
 TRIALS = 5
 LR = 0.01
-INFER_VARIANTS = ("mixture batched", "mixture loop", "experts alone", "one expert", "flat")
-TRAIN_VARIANTS = ("expert: fit", "expert: plain loop", "e2e: fit batched", "e2e: plain batched",
-                  "e2e: plain loop")
+INFER_VARIANTS = ("mixture wide", "mixture vmap", "mixture loop", "experts alone", "one expert", "flat",
+                  "mixture loop, channels-last", "mixture wide, channels-last")
+TRAIN_VARIANTS = ("expert: fit", "expert: plain loop", "e2e: fit loop", "e2e: plain loop", "e2e: plain wide",
+                  "e2e: plain vmap")
+MIXTURES = {"mixture wide": "wide", "mixture vmap": "vmap", "mixture loop": False}
+
+
+def variants(setting: str, kind: str = "infer") -> tuple[str, ...]:
+    """The variants of a setting: channels-last only where there are feature maps to lay out."""
+    vs = INFER_VARIANTS if kind == "infer" else TRAIN_VARIANTS
+    if SETTINGS[setting]["backbone"] != "small_cnn":
+        vs = tuple(v for v in vs if "channels-last" not in v)
+    return vs
 
 
 def _status_mb(field: str) -> float:
@@ -75,7 +92,12 @@ def _reset_peak_mb() -> float:
 
 
 def build(setting: str, seed: int = 0):
-    """Models and data of a setting: mixtures (batched, loop), experts, flat model, images."""
+    """Models and data of a setting: a mixture factory, experts, flat model, inputs, targets.
+
+    Inputs are uint8 images for small_cnn (normalised per batch, as the pipeline does) and the
+    frozen trunk's float outputs for Lite0 (computed once, as the pipeline caches them)."""
+    import copy
+
     import torch
 
     from dmde.backbones import create_backbone
@@ -86,22 +108,27 @@ def build(setting: str, seed: int = 0):
 
     s = SETTINGS[setting]
     groups = [[int(c) for c in g] for g in circular_groups(s["n_classes"], s["group_size"], s["overlap"])]
+    kw = dict(width=WIDTH) if s["backbone"] == "small_cnn" else dict(LITE0_KW)
     torch.manual_seed(seed)
-    experts = [Expert.build("small_cnn", len(g), width=WIDTH) for g in groups]
+    experts = [Expert.build(s["backbone"], len(g), **kw) for g in groups]
+    flat = FlatClassifier(create_backbone(s["backbone"], **kw), s["n_classes"])
     n = s["n_classes"]
-
-    def mixture(batched: bool) -> Mixture:
-        import copy
-
-        mix = Mixture(copy.deepcopy(experts), groups, n, stacking="eq7",
-                      nway=NWaySoftmax(n, kind="dense", input="log"), batched=batched)
-        return mix
-
-    flat = FlatClassifier(create_backbone("small_cnn", width=WIDTH), n)
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (max(BATCHES + (TRAIN_IMAGES,)), 3, s["image_px"], s["image_px"]),
-                           dtype=torch.uint8, generator=g)
-    targets = torch.randint(0, n, (images.shape[0],), generator=g)
+    count = max(BATCHES + (TRAIN_IMAGES,))
+    images = torch.randint(0, 256, (count, 3, s["image_px"], s["image_px"]), dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, n, (count,), generator=g)
+    if s["backbone"] != "small_cnn":
+        with torch.no_grad():
+            trunk = experts[0].backbone.trunk.eval()
+            images = torch.cat([trunk(normalised(images, torch.arange(i, min(i + 64, count))))
+                                for i in range(0, count, 64)])
+        for m in [*experts, flat]:
+            m.backbone.use_cached_trunk(True)
+
+    def mixture(batched) -> Mixture:
+        return Mixture(copy.deepcopy(experts), groups, n, stacking="eq7",
+                       nway=NWaySoftmax(n, kind="dense", input="log"), batched=batched)
+
     return groups, experts, mixture, flat, images, targets
 
 
@@ -109,15 +136,18 @@ def build(setting: str, seed: int = 0):
 
 
 def infer_fn(variant: str, models: dict):
-    if variant == "mixture batched":
-        return models["batched"]
-    if variant == "mixture loop":
-        return models["loop"]
+    if variant in MIXTURES:
+        return models[variant]
+    if variant.endswith("channels-last"):
+        import torch
+
+        model = models[variant]
+        return lambda x: model(x.contiguous(memory_format=torch.channels_last))
     if variant == "experts alone":
-        experts = list(models["loop"].experts)
+        experts = list(models["mixture loop"].experts)
         return lambda x: [e(x) for e in experts]
     if variant == "one expert":
-        return models["loop"].experts[0]
+        return models["mixture loop"].experts[0]
     if variant == "flat":
         return models["flat"]
     raise ValueError(variant)
@@ -135,6 +165,8 @@ def time_inference(fn, x, calls: int) -> float:
 
 
 def normalised(images, idx):
+    if images.is_floating_point():  # cached trunk outputs
+        return images[idx]
     return images[idx].float().div_(255.0).sub_(0.5).div_(0.25)
 
 
@@ -181,7 +213,8 @@ def dmde_fit(model, loss_fn, images, targets, batch: int, tmp: Path, epoch_sampl
     for p in (ckpt, ckpt.with_suffix(".jsonl")):
         p.unlink(missing_ok=True)
     cfg = OptimConfig(epochs=1, batch_size=batch, lr=LR, augment=False)
-    data = ImageTensors(images, targets, mean=(0.5,) * 3, std=(0.25,) * 3)
+    kind = "features" if images.is_floating_point() else "images"  # cached trunk outputs: as they are
+    data = ImageTensors(images, targets, kind=kind, mean=(0.5,) * 3, std=(0.25,) * 3)
     fit(model, data, cfg, loss_fn, ckpt, epoch_samples=epoch_samples, progress=False)
 
 
@@ -199,21 +232,26 @@ def train_runner(variant: str, models: dict, groups, images, targets, tmp: Path)
         return lambda: dmde_fit(expert, multitask_loss_fn(S), imgs, y_expert, TRAIN_BATCH, tmp)
     if variant == "expert: plain loop":
         return lambda: plain_loop(expert, multitask_loss_fn(S), imgs, y_expert, TRAIN_BATCH)
-    if variant == "e2e: fit batched":
-        return lambda: dmde_fit(models["batched"], e2e_loss_fn, imgs, tg, TRAIN_BATCH, tmp)
-    if variant == "e2e: plain batched":
-        return lambda: plain_loop(models["batched"], e2e_loss_fn, imgs, tg, TRAIN_BATCH)
-    if variant == "e2e: plain loop":
-        return lambda: plain_loop(models["loop"], e2e_loss_fn, imgs, tg, TRAIN_BATCH)
+    if variant == "e2e: fit loop":
+        return lambda: dmde_fit(models["mixture loop"], e2e_loss_fn, imgs, tg, TRAIN_BATCH, tmp)
+    plain = {"e2e: plain loop": "mixture loop", "e2e: plain wide": "mixture wide", "e2e: plain vmap": "mixture vmap"}
+    if variant in plain:
+        return lambda: plain_loop(models[plain[variant]], e2e_loss_fn, imgs, tg, TRAIN_BATCH)
     raise ValueError(variant)
 
 
 def make_models(setting: str) -> tuple[dict, list, "object", "object"]:
     import copy
 
+    import torch
+
     groups, experts, mixture, flat, images, targets = build(setting)
-    models = {"batched": mixture(True).eval(), "loop": mixture(False).eval(), "flat": flat.eval(),
-              "expert": copy.deepcopy(experts[0])}
+    models = {v: mixture(how).eval() for v, how in MIXTURES.items()}
+    models.update({"flat": flat.eval(), "expert": copy.deepcopy(experts[0]),
+                   "_input_shape": tuple(images.shape[1:])})
+    if SETTINGS[setting]["backbone"] == "small_cnn":
+        for v, how in (("mixture loop, channels-last", False), ("mixture wide, channels-last", "wide")):
+            models[v] = mixture(how).eval().to(memory_format=torch.channels_last)
     return models, groups, images, targets
 
 
@@ -228,18 +266,19 @@ def run_timings(setting: str, trials: int) -> dict:
     for b in BATCHES:
         x = normalised(images, torch.arange(b))
         calls = max(1, MIN_IMAGES_PER_TIMING // b)
-        for v in INFER_VARIANTS:  # warm-up (fills the stacked-weight cache of the batched mixture)
+        vs = variants(setting)
+        for v in vs:  # warm-up (builds the wide network, fills the joined-weight caches)
             time_inference(infer_fn(v, models), x, 1)
-        res = {v: [] for v in INFER_VARIANTS}
+        res = {v: [] for v in vs}
         for t in range(trials):
-            order = INFER_VARIANTS[t % len(INFER_VARIANTS):] + INFER_VARIANTS[: t % len(INFER_VARIANTS)]
+            order = vs[t % len(vs):] + vs[: t % len(vs)]
             for v in order:
                 res[v].append(time_inference(infer_fn(v, models), x, calls))
         out["infer"][b] = {v: statistics.median(ts) for v, ts in res.items()}
     with tempfile.TemporaryDirectory() as tmp:
         runners = {v: train_runner(v, models, groups, images, targets, Path(tmp)) for v in TRAIN_VARIANTS}
-        runners[TRAIN_VARIANTS[0]]()  # warm-up
-        runners["e2e: plain batched"]()
+        for v in TRAIN_VARIANTS:  # warm-up
+            runners[v]()
         res = {v: [] for v in TRAIN_VARIANTS}
         for t in range(trials):
             order = TRAIN_VARIANTS[t % len(TRAIN_VARIANTS):] + TRAIN_VARIANTS[: t % len(TRAIN_VARIANTS)]
@@ -248,7 +287,32 @@ def run_timings(setting: str, trials: int) -> dict:
                 runners[v]()
                 res[v].append((time.perf_counter() - t0) / TRAIN_IMAGES)
         out["train"] = {v: statistics.median(ts) for v, ts in res.items()}
+    out["gflop_per_image"] = gflop_per_image(setting, models)
+    out["gemm_gflops"] = gemm_gflops(trials)
     return out
+
+
+def gflop_per_image(setting: str, models: dict) -> float:
+    """2 × multiply-adds of all experts' forward passes for one input (GFLOP)."""
+    from dmde.baselines import count_flops
+
+    shape = models["_input_shape"]
+    return 2e-9 * sum(count_flops(e, shape) for e in models["mixture loop"].experts)
+
+
+def gemm_gflops(trials: int, n: int = 1024) -> float:
+    """The machine's float32 matrix-product rate on the current threads (median, GFLOP/s)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    rates = []
+    for _ in range(max(3, trials)):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        rates.append(5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
 
 
 def memory_worker(setting: str, kind: str, variant: str, batch: int) -> dict:
@@ -272,7 +336,7 @@ def memory_worker(setting: str, kind: str, variant: str, batch: int) -> dict:
 
 def memory(setting: str, threads: int) -> dict:
     out: dict = {"infer": {}, "train": {}}
-    configs = [("infer", v, 256) for v in INFER_VARIANTS] + [("train", v, TRAIN_BATCH) for v in TRAIN_VARIANTS]
+    configs = [("infer", v, 256) for v in variants(setting)] + [("train", v, TRAIN_BATCH) for v in TRAIN_VARIANTS]
     for kind, v, b in configs:
         cmd = [sys.executable, __file__, "--worker", json.dumps([setting, kind, v, b]), "--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -294,27 +358,40 @@ def machine(threads: int) -> str:
 
 def table(setting: str, t: dict, mem: dict | None) -> str:
     s = SETTINGS[setting]
-    lines = [f"### {setting}: N = {s['n_classes']}, M = {s['group_size']}, λ = {s['overlap']}, "
-             f"{s['image_px']} px, small_cnn width {WIDTH}", "",
+    model = (f"small_cnn width {WIDTH}, {s['image_px']} px" if s["backbone"] == "small_cnn" else
+             "EfficientNet-Lite0 last stage + head conv over cached trunk outputs (64 px images)")
+    vs = variants(setting)
+    blank = " | |" if mem else " |"
+    lines = [f"### {setting}: N = {s['n_classes']}, M = {s['group_size']}, λ = {s['overlap']}, {model}", "",
              "| inference | " + " | ".join(f"img/s @ batch {b}" for b in BATCHES)
              + (" | peak MB @ 256 |" if mem else " |"),
              "|---|" + "---:|" * (len(BATCHES) + bool(mem))]
-    for v in INFER_VARIANTS:
+    for v in vs:
         row = [f"{1 / t['infer'][b][v]:.0f}" for b in BATCHES]
         if mem:
             row.append(f"{mem['infer'][v]:.0f}")
         lines.append(f"| {v} | " + " | ".join(row) + " |")
-    for name, num, den in (("batched / loop (speed-up)", "mixture loop", "mixture batched"),):
+    ratios = [("wide / loop (speed-up)", "mixture loop", "mixture wide"),
+              ("vmap / loop (speed-up)", "mixture loop", "mixture vmap")]
+    if "mixture loop, channels-last" in vs:
+        ratios += [("loop channels-last / loop", "mixture loop", "mixture loop, channels-last"),
+                   ("wide channels-last / loop channels-last", "mixture loop, channels-last",
+                    "mixture wide, channels-last")]
+    for name, num, den in ratios:
         lines.append(f"| {name} | " + " | ".join(f"{t['infer'][b][num] / t['infer'][b][den]:.2f}×"
-                                                for b in BATCHES) + (" | |" if mem else " |"))
-    for v in ("mixture loop", "mixture batched"):
+                                                for b in BATCHES) + blank)
+    for v in ("mixture loop", "mixture wide", "mixture vmap"):
         lines.append(f"| overhead of {v} over experts alone | "
                      + " | ".join(f"{100 * (t['infer'][b][v] / t['infer'][b]['experts alone'] - 1):+.0f}%"
-                                  for b in BATCHES) + (" | |" if mem else " |"))
-    lines += ["", f"| training (batch {TRAIN_BATCH}, {TRAIN_IMAGES} images/epoch) | img/s | ratio |"
+                                  for b in BATCHES) + blank)
+    lines.append("| experts alone: GFLOP/s | " + " | ".join(
+        f"{t['gflop_per_image'] / t['infer'][b]['experts alone']:.0f}" for b in BATCHES) + blank)
+    lines += ["", f"Experts: {t['gflop_per_image']:.3f} GFLOP per image; the machine's 1024³ matrix "
+              f"product: {t['gemm_gflops']:.0f} GFLOP/s.", "",
+              f"| training (batch {TRAIN_BATCH}, {TRAIN_IMAGES} images/epoch) | img/s | ratio |"
               + (" peak MB |" if mem else ""), "|---|---:|---:|" + ("---:|" if mem else "")]
-    refs = {"expert: fit": "expert: plain loop", "e2e: fit batched": "e2e: plain batched",
-            "e2e: plain batched": "e2e: plain loop"}
+    refs = {"expert: fit": "expert: plain loop", "e2e: fit loop": "e2e: plain loop",
+            "e2e: plain wide": "e2e: plain loop", "e2e: plain vmap": "e2e: plain loop"}
     for v in TRAIN_VARIANTS:
         ratio = f"{t['train'][refs[v]] / t['train'][v]:.2f}× vs {refs[v]}" if v in refs else "1.00×"
         lines.append(f"| {v} | {1 / t['train'][v]:.1f} | {ratio} |" + (f" {mem['train'][v]:.0f} |" if mem else ""))

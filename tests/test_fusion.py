@@ -199,11 +199,15 @@ def test_mixture_loss_laplacian_term():
 
 # ------------------------------------------------------------------------------------- batched
 
+# (groups, Mixture(batched=...), the implementation it must pick)
+MODES = [(EQUAL, "vmap", "vmap"), (UNEQUAL, "vmap", "vmap_backbone"), (EQUAL, "wide", "wide"),
+         (UNEQUAL, True, "wide")]
 
-@pytest.mark.parametrize("groups, mode", [(EQUAL, "vmap"), (UNEQUAL, "vmap_backbone")])
-def test_batched_equals_loop_eval_with_batchnorm(groups, mode):
+
+@pytest.mark.parametrize("groups, how, mode", MODES)
+def test_batched_equals_loop_eval_with_batchnorm(groups, how, mode):
     loop = make_mixture(groups, nway=NWaySoftmax(6, kind="lowrank", rank=2)).eval()
-    batched = make_mixture(groups, nway=NWaySoftmax(6, kind="lowrank", rank=2), batched=True)
+    batched = make_mixture(groups, nway=NWaySoftmax(6, kind="lowrank", rank=2), batched=how)
     batched.load_state_dict(loop.state_dict())
     batched.eval()
     assert batched.batch_mode() == mode and loop.batch_mode() == "loop"
@@ -217,11 +221,11 @@ def test_batched_equals_loop_eval_with_batchnorm(groups, mode):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("groups, mode", [(EQUAL, "vmap"), (UNEQUAL, "vmap_backbone")])
-def test_batched_equals_loop_in_training_with_batchnorm(groups, mode):
+@pytest.mark.parametrize("groups, how, mode", MODES)
+def test_batched_equals_loop_in_training_with_batchnorm(groups, how, mode):
     """Train mode: batch statistics per expert, running statistics written back, equal gradients."""
     loop = make_mixture(groups, nway=NWaySoftmax(6, input="log")).train()
-    batched = make_mixture(groups, nway=NWaySoftmax(6, input="log"), batched=True).train()
+    batched = make_mixture(groups, nway=NWaySoftmax(6, input="log"), batched=how).train()
     batched.load_state_dict(loop.state_dict())
     assert batched.batch_mode() == mode
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (loop, batched)]
@@ -248,17 +252,26 @@ def test_batched_falls_back_to_loop_for_cumulative_batchnorm_and_mixed_shapes():
     before = mix.experts[0].backbone.bn.running_mean.clone()
     mix(images())
     assert not torch.equal(before, mix.experts[0].backbone.bn.running_mean)  # stats updated
-    assert mix.eval().batch_mode() == "vmap"  # eval mode reads the statistics only
+    assert mix.eval().batch_mode() == "wide"  # eval mode reads the statistics only
+    mix.batched = "vmap"
+    assert mix.batch_mode() == "vmap"
+    mix.batched = "wide"
+    with pytest.raises(DmdeValueError, match="cumulative"):
+        mix.train().batch_mode()
     mixed = Mixture([TinyExpert(3, width=4), TinyExpert(3, width=5), TinyExpert(3)], EQUAL, 6,
                     batched=True).eval()
     assert mixed.batch_mode() == "loop"  # different shapes
 
 
-def test_stack_cache_reused_in_inference_and_invalidated_by_changes():
+@pytest.mark.parametrize("request_", ["vmap", "wide"])
+def test_stack_cache_reused_in_inference_and_invalidated_by_changes(request_):
     loop = make_mixture(EQUAL).eval()
-    mix = make_mixture(EQUAL, batched=True).eval()
+    mix = make_mixture(EQUAL, batched=request_).eval()
     x = images(4)
-    cache = mix._stack_cache
+    mix(x[:1])  # the wide network is built (and checked) on its first batch
+    cache = mix._stack_cache if request_ == "vmap" else mix._wide.cache
+    cache.clear()
+    cache.hits = cache.misses = 0
     with torch.no_grad():
         first = mix(x)
         misses = cache.misses
@@ -268,7 +281,7 @@ def test_stack_cache_reused_in_inference_and_invalidated_by_changes():
         mix.experts[1].backbone.conv.weight.mul_(2.0)  # in place: version bump
         loop.load_state_dict(mix.state_dict())
         torch.testing.assert_close(mix(x), loop(x), rtol=1e-5, atol=1e-5)
-        assert cache.misses == misses + 1
+        assert cache.misses == misses + 1  # only the changed tensor is joined again
         mix.load_state_dict(make_mixture(EQUAL, seed=3).state_dict())  # copy_: version bumps
         loop.load_state_dict(mix.state_dict())
         torch.testing.assert_close(mix(x), loop(x), rtol=1e-5, atol=1e-5)
@@ -282,12 +295,12 @@ def test_stack_cache_reused_in_inference_and_invalidated_by_changes():
     mix.float()(x).sum().backward()
     assert all(p.grad is not None for p in mix.parameters())
     mix.clear_stack_cache()
-    assert not cache.entries
+    assert not cache.entries or request_ == "wide"  # .float() rebuilt the wide network
 
 
 def test_stack_cache_for_frozen_parameters_during_training():
     loop = make_mixture(UNEQUAL).train()
-    mix = make_mixture(UNEQUAL, batched=True).train()
+    mix = make_mixture(UNEQUAL, batched="vmap").train()
     mix.load_state_dict(loop.state_dict())
     for m in (loop, mix):
         for e in m.experts:
@@ -312,10 +325,10 @@ def real_experts(groups, seed=0, **kw):
     return [Expert.build("small_cnn", len(g), width=4, **kw) for g in groups]
 
 
-@pytest.mark.parametrize("groups, mode", [(EQUAL, "vmap"), (UNEQUAL, "vmap_backbone")])
-def test_batched_equals_loop_with_dmde_experts(groups, mode):
+@pytest.mark.parametrize("groups, how, mode", MODES)
+def test_batched_equals_loop_with_dmde_experts(groups, how, mode):
     loop = Mixture(real_experts(groups), groups, 6).eval()
-    batched = Mixture(real_experts(groups), groups, 6, batched=True).eval()
+    batched = Mixture(real_experts(groups), groups, 6, batched=how).eval()
     for e in loop.experts:  # non-trivial BatchNorm statistics
         for m in e.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -8,19 +8,18 @@
 * :func:`mixture_loss` — end-to-end fine-tuning (Eq. 11): N-way cross-entropy plus each expert's
   multi-task regulariser, so gradients reach A, every expert's head and every expert's CNN.
 
-Batched experts: with ``batched=True`` the experts run in one ``torch.func.vmap`` pass over their
-stacked parameters when they share an architecture. Supported: identical parameter/buffer shapes
-across the whole expert (vmap over the expert), or identical backbones with heads of different
-sizes (vmap over ``expert.backbone``, then each ``expert.head`` in turn — this assumes
-``expert(x) == expert.head(expert.backbone(x))``). A parameter that needs a gradient now is
-re-stacked with ``torch.stack`` on every call, so gradients flow back to each expert's own
-parameter; everything else (inference, frozen trunks, BatchNorm statistics in eval mode) is
-stacked once and cached until one of the experts' tensors is replaced or modified in place
+Batched experts (``batched``, see :meth:`Mixture.batch_mode`): ``'wide'`` runs the experts'
+backbones as one G-times-wider network (:mod:`dmde.batched`; checked against the loop on its
+first batch); ``'vmap'`` runs them in one ``torch.func.vmap`` pass over their stacked parameters —
+whole experts when every tensor has the same shape, else the backbones, then each ``expert.head``
+(this assumes ``expert(x) == expert.head(expert.backbone(x))``, as ``'wide'`` does). Either way a
+tensor that needs a gradient is joined afresh on every call, so gradients flow back to each
+expert's own parameter; everything else (inference, frozen layers, BatchNorm statistics in eval
+mode) is joined once and cached until one of the experts' tensors is replaced or modified in place
 (tracked by tensor identity and autograd's version counter; an update through ``.data`` is not
-seen: call :meth:`Mixture.clear_stack_cache`). BatchNorm in training mode is batched too: its
-running statistics are stacked, updated by the vmapped ``batch_norm`` and copied back into each
-expert after the pass (equal to the loop's). Only BatchNorm with ``momentum=None`` (a cumulative
-average, which reads ``num_batches_tracked`` as a Python number) falls back to the loop.
+seen: call :meth:`Mixture.clear_stack_cache`). BatchNorm in training mode is batched too: the
+running statistics are joined, updated by the pass and copied back into each expert (equal to the
+loop's). BatchNorm with ``momentum=None`` (a cumulative average) runs in the loop.
 """
 from __future__ import annotations
 
@@ -31,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmde.batched import StackCache, WideBackbones, wide_support
 from dmde.errors import DmdeValueError, MismatchError
 from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, stack
 
 NWAY_KINDS = ("dense", "lowrank")
 NWAY_INPUTS = ("upsilon", "log")
+BATCH_MODES = ("loop", "auto", "wide", "vmap")
 
 
 class NWaySoftmax(nn.Module):
@@ -115,36 +116,7 @@ def _same_shapes(modules: Sequence[nn.Module]) -> bool:
     return all(type(m) is type(modules[0]) and sig(m) == first for m in modules[1:])
 
 
-class _StackCache:
-    """Stacked copies (G, ...) of the experts' tensors that need no gradient, reused across calls.
-
-    An entry is valid while its G source tensors are the same objects, at the same version (every
-    in-place change — ``optimizer.step()``, ``load_state_dict`` — bumps it) and on the same
-    storage (``.to()`` and ``param.data = ...`` change it). Holds one extra copy of the cached
-    weights.
-    """
-
-    def __init__(self) -> None:
-        self.entries: dict[str, tuple[list[Tensor], list[Any], Tensor]] = {}
-        self.hits = self.misses = 0
-
-    def get(self, key: str, tensors: list[Tensor]) -> Tensor:
-        versions = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
-        hit = self.entries.get(key)
-        if hit is not None and versions == hit[1] and all(a is b for a, b in zip(tensors, hit[0])):
-            self.hits += 1
-            return hit[2]
-        self.misses += 1
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside no_grad
-            stacked = torch.stack([t.detach() for t in tensors])
-        self.entries[key] = (tensors, versions, stacked)
-        return stacked
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
-def _vmap_call(modules: Sequence[nn.Module], x: Tensor, cache: _StackCache | None = None,
+def _vmap_call(modules: Sequence[nn.Module], x: Tensor, cache: StackCache | None = None,
                prefix: str = "") -> Tensor:
     """Run identical-shaped modules on the same x in one vmapped pass → (G, B, ...).
 
@@ -198,7 +170,7 @@ class Mixture(nn.Module):
         eps: float = DEFAULT_EPS,
         lam: float = 0.5,
         nway: NWaySoftmax | None = None,
-        batched: bool = False,
+        batched: bool | str = False,
     ) -> None:
         super().__init__()
         if len(experts) != len(groups):
@@ -217,14 +189,22 @@ class Mixture(nn.Module):
         self.n_classes, self.stacking, self.eps, self.lam = n_classes, stacking, eps, lam
         self.nway = nway
         self.batched = batched
-        self._stack_cache = _StackCache()
+        self._stack_cache = StackCache()
+        self._wide: WideBackbones | None = None
+        self._wide_checked: bool | str = False
+        self._wide_key: tuple | None = None
+        self._wide_why: str | None = None
+        self._wide_failure = ""
 
     def clear_stack_cache(self) -> None:
         """Drop the cached stacked expert weights (after changing them in place through ``.data``)."""
         self._stack_cache.clear()
+        if self._wide is not None:
+            self._wide.clear_cache()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: the cached copies are stale
-        self._stack_cache.clear()
+        self.clear_stack_cache()
+        self._wide, self._wide_checked, self._wide_key = None, False, None  # follow the new dtype/device
         return super()._apply(fn, *args, **kwargs)
 
     def _current_layout(self) -> GroupLayout:
@@ -233,11 +213,27 @@ class Mixture(nn.Module):
         return self.layout
 
     def batch_mode(self) -> str:
-        """How ``expert_logits`` will run now: ``'loop'``, ``'vmap'`` or ``'vmap_backbone'``."""
+        """How ``expert_logits`` will run now: ``'loop'``, ``'wide'``, ``'vmap'`` or ``'vmap_backbone'``.
+
+        ``batched``: False or ``'loop'`` — a loop over the experts; True or ``'auto'`` — the wide
+        network when the backbones allow it (:mod:`dmde.batched`), else vmap, else the loop;
+        ``'wide'`` or ``'vmap'`` — that implementation only (an error when it does not apply).
+        """
+        mode = {False: "loop", True: "auto"}.get(self.batched, self.batched)
+        if mode not in BATCH_MODES:
+            raise DmdeValueError(f"batched must be one of {', '.join(map(str, BATCH_MODES))}, got {self.batched!r}")
         experts = list(self.experts)
-        if not self.batched or len(experts) < 2:
+        if mode == "loop" or len(experts) < 2:
             return "loop"
+        if mode in ("auto", "wide"):
+            reason = self._wide_reason()
+            if reason is None and self._wide_checked != "failed":
+                return "wide"
+            if mode == "wide":
+                raise DmdeValueError(f"batched='wide' does not apply: {reason or self._wide_failure}")
         if any(m.momentum is None for e in experts for _, m in _training_norms(e)):
+            if mode == "vmap":
+                raise DmdeValueError("batched='vmap' cannot run cumulative-average BatchNorm (momentum=None)")
             return "loop"  # cumulative average: reads num_batches_tracked as a number, not vmappable
         if _same_shapes(experts):
             return "vmap"
@@ -245,16 +241,74 @@ class Mixture(nn.Module):
             [e.backbone for e in experts]
         ):
             return "vmap_backbone"
+        if mode == "vmap":
+            raise DmdeValueError("batched='vmap' needs experts (or backbones) of identical shapes")
         return "loop"
+
+    def _wide_parts(self) -> list[nn.Module]:
+        """What the wide network replaces: each expert's backbone, or only its body when the
+        backbone takes cached trunk outputs (the frozen trunk's tensors are then never touched)."""
+        return [e.backbone.body if getattr(e.backbone, "from_trunk", False) else e.backbone
+                for e in self.experts]
+
+    def _wide_reason(self) -> str | None:
+        """Why the experts cannot run as one wide network (None: they can); the structural
+        check runs once per (experts, parts, train/eval) and is then remembered."""
+        experts = list(self.experts)
+        if not all(hasattr(e, "backbone") and hasattr(e, "head") for e in experts):
+            return "the experts have no backbone/head split"
+        parts = self._wide_parts()
+        key = (tuple(map(id, experts)), tuple(map(id, parts)), experts[0].training)
+        if self._wide_key != key:
+            self._wide_key, self._wide_why = key, wide_support(parts)
+            if self._wide is not None and self._wide.parts_key != key[1]:
+                self._wide, self._wide_checked = None, False
+        return self._wide_why
 
     def expert_logits(self, x: Tensor) -> list[Tensor]:
         """Each expert's logits, a list of (B, M_j+1)."""
         out = self._expert_outputs(x)
         return list(out.unbind(0)) if isinstance(out, Tensor) else out  # G × (B, M+1)
 
+    def _wide_backbones(self, x: Tensor) -> WideBackbones | None:
+        """The wide network, built and checked against the loop on the first batch it sees."""
+        backbones = self._wide_parts()
+        if self._wide is None:
+            self._wide = WideBackbones(backbones)
+            self._wide.parts_key = tuple(map(id, backbones))
+        if not self._wide_checked:
+            # A forward that reshapes channels by hand would widen silently wrong: compare once,
+            # in eval mode (no statistics updated), on two images.
+            modes = [m.training for m in self.experts.modules()]
+            try:
+                self.experts.eval()
+                with torch.no_grad():
+                    probe = x[:2]
+                    wide = self._wide(backbones, probe)
+                    loop = torch.stack([b(probe) for b in backbones])
+                err = (wide - loop).abs().max().item() if wide.shape == loop.shape else math.inf
+                tol = 1e-3 * (1.0 + loop.abs().max().item())
+            finally:
+                for m, t in zip(self.experts.modules(), modes):
+                    m.training = t
+            if not err <= tol:
+                self._wide_checked = "failed"
+                self._wide_failure = f"its output differs from the loop's by {err:.3g} (tolerance {tol:.3g})"
+                if self.batched == "wide":
+                    raise DmdeValueError(f"batched='wide' does not apply: {self._wide_failure}")
+                return None
+            self._wide_checked = True
+        return self._wide
+
     def _expert_outputs(self, x: Tensor) -> Tensor | list[Tensor]:
-        """(G, B, M+1) from one vmapped pass over whole experts, else a list of (B, M_j+1)."""
+        """(G, B, M+1) from one batched pass over whole experts, else a list of (B, M_j+1)."""
         mode = self.batch_mode()
+        if mode == "wide":
+            wide = self._wide_backbones(x)
+            if wide is None:
+                return self._expert_outputs(x)  # the check failed: batch_mode now skips 'wide'
+            feats = wide(self._wide_parts(), x)  # (G, B, d)
+            return [e.head(f) for e, f in zip(self.experts, feats.unbind(0))]
         if mode == "vmap":
             return _vmap_call(list(self.experts), x, self._stack_cache, "expert.")  # (G, B, M+1)
         if mode == "vmap_backbone":

@@ -89,10 +89,11 @@ class FusionConfig:
     identity_l2: float = 1e-2  # pull A towards I: a small fusion split must not undo argmax Υ
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
-    # Run all experts in one vmap pass (inference / fine-tuning). On this 2-core CPU vmap's grouped
-    # convolutions measured 0.5–0.6× the plain loop at batch 32 (benchmarks/RESULTS.md): off.
-    batched: bool = False
-    batched_finetune: bool = False
+    # All experts in one pass (inference / fine-tuning): False/'loop', True/'auto' (the wide network
+    # of dmde.batched when it applies, else vmap), 'wide', 'vmap'. On a 2-core CPU the loop was
+    # the fastest at batch ≥ 32 (benchmarks/RESULTS.md, "Throughput"): off by default.
+    batched: bool | str = False
+    batched_finetune: bool | str = False
 
 
 @dataclass
@@ -145,10 +146,12 @@ def validate(cfg: RunConfig) -> None:
         "fusion.input": (cfg.fusion.input, ("log", "upsilon")),
         "experts.optimizer": (cfg.experts.optimizer, ("sgd", "adamw")),
         "fusion.finetune.optimizer": (cfg.fusion.finetune.optimizer, ("sgd", "adamw")),
+        "fusion.batched": (cfg.fusion.batched, (False, True, "loop", "auto", "wide", "vmap")),
+        "fusion.batched_finetune": (cfg.fusion.batched_finetune, (False, True, "loop", "auto", "wide", "vmap")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            bad(key, value, f"is not one of {', '.join(allowed)}")
+            bad(key, value, f"is not one of {', '.join(map(str, allowed))}")
     if not 0.0 <= float(cfg.groups.overlap) < 1.0:
         bad("groups.overlap", cfg.groups.overlap, "must lie in [0, 1)")
     if int(cfg.groups.size) < 1:
