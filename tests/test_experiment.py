@@ -105,3 +105,39 @@ def test_unknown_suite_or_row_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["experiment", "--out", str(tmp_path), "--rows", "nope", "--no-report"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_finetuned_row_is_reported_when_the_base_config_skips_fine_tuning(tmp_path, real_wordnet_dir):
+    """The pretrained regime's case: the mixture row stops at the N-way layer, the `finetuned` row
+    adds Eq. 11 on the same experts; Table I and the claims then compare it with the flat model."""
+    import shutil
+
+    import yaml
+
+    from dmde.config import read_yaml
+
+    suite_dir = tmp_path / "suite"
+    suite_dir.mkdir()
+    raw = read_yaml(load_suite("paper").dir / "suite.yaml")
+    raw["regimes"] = ["scratch"]
+    raw["quick"]["overrides"].pop("fusion.finetune.epochs")
+    raw["rows"] = [r for r in raw["rows"] if r["name"] in ("mixture", "finetuned")]
+    for r in raw["rows"]:
+        r["seeds"] = [0]
+        r["overrides"] = {k: v for k, v in r["overrides"].items() if "width_matched" not in k}
+        r["overrides"]["baselines.width_matched_flat"] = False
+    (suite_dir / "suite.yaml").write_text(yaml.safe_dump(raw))
+    base = read_yaml(load_suite("paper").dir / "scratch.yaml")
+    base["fusion"]["finetune"]["epochs"] = 0  # as pretrained.yaml
+    (suite_dir / "scratch.yaml").write_text(yaml.safe_dump(base))
+    tiny = [t for t in TINY if not t.startswith("fusion.finetune.epochs")]
+    out = tmp_path / "out"
+    assert main(["experiment", "--suite", str(suite_dir), "--out", str(out), "--report", str(tmp_path / "rep"),
+                 "--regime", "scratch", "--quick", *tiny]) == 0
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    assert "| ours, fine-tuned end to end (Eq. 11) | finetuned | mixture |" in text
+    assert "| mixture, fine-tuned end to end > flat | finetuned:mixture | mixture:flat |" in text
+    assert "| end-to-end fine-tuning helps (Eq. 11 > Eq. 10) | finetuned:mixture | mixture:mixture_nway |" in text
+    ft = json.loads((out / "scratch" / "finetuned-s0" / "stages.json").read_text())
+    assert ft["experts"]["shared_from"] == "mixture-s0" and ft["fusion"]["shared_from"] == "mixture-s0"
+    shutil.rmtree(out)

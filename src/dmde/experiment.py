@@ -487,6 +487,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           "| method | row | model | top-1 | top-5 | top-10 | paper top-1 / 5 / 10 |", "|---|---|---|---|---|---|---|"]
     t1 = [("ours (semantic tree, Eq. 7)", "mixture", final, "mixture"),
           ("ours, argmax Υ", "mixture", "mixture_upsilon", None),
+          ("ours, fine-tuned end to end (Eq. 11)", "finetuned", "mixture", None),
           ("flat (\"AlexNet Extension\")", "mixture", "flat", "flat"),
           ("flat, width-matched", "mixture", "flat_wide", None),
           ("random assignment", "random", _final(res.get("random")), "random"),
@@ -497,6 +498,8 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
         rr = res.get(row)
         if model == "flat_wide" and not (rr and any("flat_wide" in m for m in rr.metrics.values())):
             continue
+        if row == "finetuned" and (rr is None or final == "mixture" or "mixture" not in rr.models()):
+            continue  # the mixture row is fine-tuned already (its base config does it)
         p = " / ".join(f"{v:.2f}" for v in PAPER["table1"][paper]) if paper else ""
         L.append(f"| {label} | {row} | {model or '–'} | " + " | ".join(_topk_cells(rr, model, ks3)) + f" | {p} |")
     L.append("")
@@ -605,6 +608,9 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
 
     row("mixture > flat", ("mixture", final), ("mixture", "flat"))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
+    if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
+        row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))
+        row("end-to-end fine-tuning helps (Eq. 11 > Eq. 10)", ("finetuned", "mixture"), ("mixture", final))
     if any("flat_wide" in m for m in mix.metrics.values()):
         row("mixture > width-matched flat", ("mixture", final), ("mixture", "flat_wide"))
     row("tree-guided > random", ("mixture", final), ("random", _final(res.get("random"))))
