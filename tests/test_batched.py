@@ -92,7 +92,7 @@ def test_lite0_body_over_cached_trunk_equals_the_loop():
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=n)  # running stats, counters
     assert int(batched.experts[1].backbone.body[0][0].bn0.num_batches_tracked) == 1
     # the wide network covers the body only: no frozen trunk tensor was ever joined
-    assert batched._wide.parts_key == tuple(id(e.backbone.body) for e in batched.experts)
+    assert all(p is e.backbone.body for p, e in zip(batched._wide_key[0], batched.experts))
 
 
 def test_whole_backbone_with_linear_layers_in_eval():
@@ -220,3 +220,50 @@ def test_small_cnn_train_steps_equal_the_loop():
     for (n, b), c in zip(loop.named_buffers(), batched.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=n)
     assert int(batched.experts[2].backbone.stem[1].num_batches_tracked) == 3
+
+
+def test_no_weights_to_widen_or_mixed_modes_fall_back_to_the_loop():
+    """Findings of review: a body of pooling only (nothing to widen) and experts whose layers are in
+    different train/eval modes must not run wide."""
+    def empty_body(m: int) -> Expert:
+        return Expert.build("small_cnn", m, width=4, freeze_trunk=True, trainable_stages=0)
+
+    loop, auto = pair(empty_body, how=True)
+    for m in (loop, auto):
+        for e in m.experts:
+            e.backbone.use_cached_trunk(True)
+    t = torch.randn(4, 16, 2, 2, generator=gen(5))
+    assert "no layers" in wide_support(auto._wide_parts())
+    with torch.no_grad():
+        torch.testing.assert_close(auto(t), loop(t))
+
+    def small(m: int) -> Expert:
+        return Expert.build("small_cnn", m, width=4)
+
+    loop, auto = pair(small, how=True)
+    loop.train(), auto.train()
+    auto.experts[1].backbone.stem.eval()  # expert 1's stem reads its running statistics
+    loop.experts[1].backbone.stem.eval()
+    assert "train/eval" in wide_support(auto._wide_parts())
+    x = torch.randn(4, 3, 8, 8, generator=gen(6))
+    torch.testing.assert_close(auto(x), loop(x), rtol=1e-5, atol=1e-5)
+    assert auto.batch_mode() != "wide"
+    auto.train()  # the same modes again: wide is back
+    assert auto.batch_mode() == "wide"
+
+
+def test_dropout_on_the_shared_input_is_refused_in_training():
+    class DropFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.drop(x)).mean(dim=(2, 3))
+
+    mods = [DropFirst(), DropFirst()]
+    assert "dropout on the shared input" in wide_support(mods)
+    for m in mods:
+        m.eval()
+    assert wide_support(mods) is None

@@ -125,10 +125,15 @@ def _conv_pre_hook(module: nn.Conv2d, args: tuple, *, n: int, cin: int, groups: 
 
 
 def _unsupported(module: nn.Module) -> list[str]:
-    known = (nn.Conv2d, nn.Linear, _NormBase)
+    known = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
     bad = []
+    widened = False  # a layer with weights seen yet (registration order ≈ execution order)
     for name, m in module.named_modules():
         own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and not widened:
+            # on the shared input every expert would get the same mask (the loop draws one each)
+            bad.append(f"{name} (dropout on the shared input)")
+        widened = widened or bool(own)
         if own and not isinstance(m, known):
             bad.append(f"{name or '<root>'} ({type(m).__name__})")
         elif isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.transposed):
@@ -147,11 +152,19 @@ def wide_support(modules: Sequence[nn.Module]) -> str | None:
     base = modules[0]
 
     def sig(m: nn.Module) -> list:
-        return [(n, tuple(t.shape), t.dtype, t.device) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+        # shapes, and what the pass reads from expert 0 only: dtypes, devices, which tensors
+        # train, which submodules are in training mode, and every module's settings
+        return ([(n, tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                 for n, t in [*m.named_parameters(remove_duplicate=False), *m.named_buffers()]]
+                + [(n, type(s).__name__, s.training, s.extra_repr()) for n, s in m.named_modules()])
 
     first = sig(base)
     if not all(type(m) is type(base) and sig(m) == first for m in modules[1:]):
-        return "the modules differ in structure or shapes"
+        return "the modules differ in structure, shapes, settings or train/eval mode"
+    if not first or not any(True for _ in base.parameters()):
+        return "no layers with weights to widen"
+    if len(list(base.named_parameters(remove_duplicate=False))) != len(list(base.parameters())):
+        return "tied (shared) weights"
     bad = _unsupported(base)
     return f"layers it cannot widen: {', '.join(bad)}" if bad else None
 
@@ -177,7 +190,6 @@ class WideBackbones:
         self.n = len(modules)
         self.template = self._template(modules[0], self.n)
         self.cache = StackCache()
-        self.parts_key: tuple | None = None  # set by the owner: which modules it was built for
         # How to join each tensor: concatenate along channels, or stack (Linear weights); scalars
         # (num_batches_tracked) are per expert and handled apart.
         self.kind: dict[str, str] = {}

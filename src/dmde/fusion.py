@@ -108,9 +108,10 @@ def _training_norms(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _same_shapes(modules: Sequence[nn.Module]) -> bool:
-    def sig(m: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def sig(m: nn.Module) -> list[tuple]:
+        # vmap runs expert 0's modules: every expert's layers must also be in the same mode
         return [(n, tuple(t.shape), t.dtype) for n, t in
-                [*m.named_parameters(), *m.named_buffers()]]
+                [*m.named_parameters(), *m.named_buffers()]] + [(n, s.training) for n, s in m.named_modules()]
 
     first = sig(modules[0])
     return all(type(m) is type(modules[0]) and sig(m) == first for m in modules[1:])
@@ -197,14 +198,13 @@ class Mixture(nn.Module):
         self._wide_failure = ""
 
     def clear_stack_cache(self) -> None:
-        """Drop the cached stacked expert weights (after changing them in place through ``.data``)."""
+        """Drop the cached joined expert weights and the wide network (after changing the experts'
+        weights through ``.data``, or their layers' settings)."""
         self._stack_cache.clear()
-        if self._wide is not None:
-            self._wide.clear_cache()
+        self._wide, self._wide_checked, self._wide_key = None, False, None  # rebuilt and rechecked
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: the cached copies are stale
-        self.clear_stack_cache()
-        self._wide, self._wide_checked, self._wide_key = None, False, None  # follow the new dtype/device
+        self.clear_stack_cache()  # the wide network follows the new dtype/device
         return super()._apply(fn, *args, **kwargs)
 
     def _current_layout(self) -> GroupLayout:
@@ -252,17 +252,22 @@ class Mixture(nn.Module):
                 for e in self.experts]
 
     def _wide_reason(self) -> str | None:
-        """Why the experts cannot run as one wide network (None: they can); the structural
-        check runs once per (experts, parts, train/eval) and is then remembered."""
+        """Why the experts cannot run as one wide network (None: they can). The structural check
+        runs again whenever the parts, a train/eval flag, a dtype or a device changed; other
+        changes to the experts' layers (a BatchNorm's momentum, a dropout rate) after the first
+        batch need :meth:`clear_stack_cache`."""
         experts = list(self.experts)
         if not all(hasattr(e, "backbone") and hasattr(e, "head") for e in experts):
             return "the experts have no backbone/head split"
         parts = self._wide_parts()
-        key = (tuple(map(id, experts)), tuple(map(id, parts)), experts[0].training)
-        if self._wide_key != key:
-            self._wide_key, self._wide_why = key, wide_support(parts)
-            if self._wide is not None and self._wide.parts_key != key[1]:
-                self._wide, self._wide_checked = None, False
+        state = tuple(m.training for p in parts for m in p.modules()) + tuple(
+            (t.dtype, t.device) for p in parts for t in list(p.parameters())[:1])
+        seen = self._wide_key
+        if seen is None or len(seen[0]) != len(parts) or any(a is not b for a, b in zip(seen[0], parts)) \
+                or seen[1] != state:
+            if seen is not None and (len(seen[0]) != len(parts) or any(a is not b for a, b in zip(seen[0], parts))):
+                self._wide, self._wide_checked = None, False  # other modules: a new wide network
+            self._wide_key, self._wide_why = (parts, state), wide_support(parts)  # holds the parts alive
         return self._wide_why
 
     def expert_logits(self, x: Tensor) -> list[Tensor]:
@@ -275,25 +280,31 @@ class Mixture(nn.Module):
         backbones = self._wide_parts()
         if self._wide is None:
             self._wide = WideBackbones(backbones)
-            self._wide.parts_key = tuple(map(id, backbones))
         if not self._wide_checked:
             # A forward that reshapes channels by hand would widen silently wrong: compare once,
             # in eval mode (no statistics updated), on two images.
             modes = [m.training for m in self.experts.modules()]
+            failure = ""
             try:
                 self.experts.eval()
                 with torch.no_grad():
                     probe = x[:2]
-                    wide = self._wide(backbones, probe)
                     loop = torch.stack([b(probe) for b in backbones])
-                err = (wide - loop).abs().max().item() if wide.shape == loop.shape else math.inf
-                tol = 1e-3 * (1.0 + loop.abs().max().item())
+                    try:
+                        wide = self._wide(backbones, probe)
+                    except Exception as exc:  # a layer the template could not run: not widenable
+                        failure = f"it failed on the first batch ({type(exc).__name__}: {exc})"
+                    else:
+                        err = (wide - loop).abs().max().item() if wide.shape == loop.shape else math.inf
+                        tol = 1e-3 * (1.0 + loop.abs().max().item())
+                        if not err <= tol:
+                            failure = f"its output differs from the loop's by {err:.3g} (tolerance {tol:.3g})"
             finally:
                 for m, t in zip(self.experts.modules(), modes):
                     m.training = t
-            if not err <= tol:
+            if failure:
                 self._wide_checked = "failed"
-                self._wide_failure = f"its output differs from the loop's by {err:.3g} (tolerance {tol:.3g})"
+                self._wide_failure = failure
                 if self.batched == "wide":
                     raise DmdeValueError(f"batched='wide' does not apply: {self._wide_failure}")
                 return None
