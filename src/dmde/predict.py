@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from dmde.errors import DmdeFileError, DmdeValueError
+from dmde.training import as_model_input
 
 PREFERENCE = ("mixture", "mixture_nway", "mixture_upsilon", "flat", "early_fusion")
 
@@ -104,7 +105,7 @@ class Predictor:
         out = []
         for s in range(0, len(images), batch_size):
             x = torch.stack([self._load(im) for im in images[s : s + batch_size]]).to(self.device)
-            y = self.model(x).float().cpu()
+            y = self.model(as_model_input(x)).float().cpu()
             if self.scores_are_probabilities:  # Υ: normalise to sum to one
                 out.append(y / y.sum(1, keepdim=True).clamp_min(1e-12))
             else:
