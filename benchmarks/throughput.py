@@ -287,12 +287,12 @@ def run_timings(setting: str, trials: int) -> dict:
                 runners[v]()
                 res[v].append((time.perf_counter() - t0) / TRAIN_IMAGES)
         out["train"] = {v: statistics.median(ts) for v, ts in res.items()}
-    out["gflop_per_image"] = gflop_per_image(setting, models)
+    out["gflop_per_image"] = gflop_per_image(models)
     out["gemm_gflops"] = gemm_gflops(trials)
     return out
 
 
-def gflop_per_image(setting: str, models: dict) -> float:
+def gflop_per_image(models: dict) -> float:
     """2 × multiply-adds of all experts' forward passes for one input (GFLOP)."""
     from dmde.baselines import count_flops
 

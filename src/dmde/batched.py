@@ -33,7 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["WideBackbones", "wide_support", "StackCache"]
+__all__ = ["WideBackbones", "wide_support", "StackCache", "training_norms", "updated_buffers"]
+
+
+def training_norms(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """BatchNorm-like submodules that will update running statistics in this forward pass."""
+    return [
+        (n, m) for n, m in module.named_modules()
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+    ]
+
+
+def updated_buffers(module: nn.Module) -> set[str]:
+    """Names of the buffers a forward pass of ``module`` updates in place (running statistics)."""
+    return {f"{n}.{b}" if n else b for n, m in training_norms(module) for b, _ in m.named_buffers()}
 
 
 class StackCache:
@@ -216,9 +229,7 @@ class WideBackbones:
     def __call__(self, modules: Sequence[nn.Module], x: Tensor) -> Tensor:
         grad = torch.is_grad_enabled()
         tensors = [dict([*m.named_parameters(), *m.named_buffers()]) for m in modules]
-        norms = [(n, m) for n, m in modules[0].named_modules()
-                 if isinstance(m, _NormBase) and m.training and m.track_running_stats]
-        mutated = {f"{n}.{b}" if n else b for n, m in norms for b, _ in m.named_buffers()}
+        mutated = updated_buffers(modules[0])
         joined: dict[str, Tensor] = {}
         for name, kind in self.kind.items():
             ts = [t[name] for t in tensors]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmde.batched import StackCache, WideBackbones, wide_support
+from dmde.batched import StackCache, WideBackbones, training_norms, updated_buffers, wide_support
 from dmde.errors import DmdeValueError, MismatchError
 from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, stack
 
@@ -99,14 +99,6 @@ class NWaySoftmax(nn.Module):
         return f"n_classes={self.n_classes}, kind={self.kind!r}{extra}, input={self.input!r}"
 
 
-def _training_norms(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """BatchNorm-like submodules that will update running statistics in this forward pass."""
-    return [
-        (n, m) for n, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
-
-
 def _same_shapes(modules: Sequence[nn.Module]) -> bool:
     def sig(m: nn.Module) -> list[tuple]:
         # vmap runs expert 0's modules: every expert's layers must also be in the same mode
@@ -131,7 +123,7 @@ def _vmap_call(modules: Sequence[nn.Module], x: Tensor, cache: StackCache | None
     grad = torch.is_grad_enabled()
     per = [dict(m.named_parameters()) for m in modules]
     perb = [dict(m.named_buffers()) for m in modules]
-    mutated = {f"{n}.{b}" if n else b for n, m in _training_norms(base) for b, _ in m.named_buffers()}
+    mutated = updated_buffers(base)
 
     def stacked(name: str, tensors: list[Tensor], fresh: bool) -> Tensor:
         if fresh or cache is None:
@@ -231,7 +223,7 @@ class Mixture(nn.Module):
                 return "wide"
             if mode == "wide":
                 raise DmdeValueError(f"batched='wide' does not apply: {reason or self._wide_failure}")
-        if any(m.momentum is None for e in experts for _, m in _training_norms(e)):
+        if any(m.momentum is None for e in experts for _, m in training_norms(e)):
             if mode == "vmap":
                 raise DmdeValueError("batched='vmap' cannot run cumulative-average BatchNorm (momentum=None)")
             return "loop"  # cumulative average: reads num_batches_tracked as a number, not vmappable
@@ -263,9 +255,9 @@ class Mixture(nn.Module):
         state = tuple(m.training for p in parts for m in p.modules()) + tuple(
             (t.dtype, t.device) for p in parts for t in list(p.parameters())[:1])
         seen = self._wide_key
-        if seen is None or len(seen[0]) != len(parts) or any(a is not b for a, b in zip(seen[0], parts)) \
-                or seen[1] != state:
-            if seen is not None and (len(seen[0]) != len(parts) or any(a is not b for a, b in zip(seen[0], parts))):
+        same_parts = seen is not None and len(seen[0]) == len(parts) and all(a is b for a, b in zip(seen[0], parts))
+        if not same_parts or seen[1] != state:
+            if seen is not None and not same_parts:
                 self._wide, self._wide_checked = None, False  # other modules: a new wide network
             self._wide_key, self._wide_why = (parts, state), wide_support(parts)  # holds the parts alive
         return self._wide_why
