@@ -62,7 +62,12 @@ def finished_run(tmp_path_factory, real_wordnet_dir):
 
 def test_pipeline_trains_every_model(finished_run):
     run, metrics, _ = finished_run
-    assert set(metrics) == {"mixture_upsilon", "mixture_nway", "mixture", "flat", "flat_wide", "early_fusion"}
+    assert set(metrics) == {"mixture_oracle", "mixture_upsilon", "mixture_nway", "mixture_finetuned_oracle",
+                            "mixture", "flat", "flat_wide", "early_fusion", "accounting"}
+    metrics = dict(metrics)  # the fixture's dict is shared with the other tests
+    accounting = metrics.pop("accounting")["experts"]
+    assert [r["expert"] for r in accounting] == list(range(5)) and all("flat_group_top1" in r for r in accounting)
+    assert metrics["mixture_oracle"]["top1"] >= metrics["mixture_upsilon"]["top1"]  # a perfect gate only helps
     for m in metrics.values():
         assert 0.0 <= m["top1"] <= m["top2"] <= m["top5"] <= m["top10"] == 1.0  # N = 10
         assert m["n_images"] == 60
@@ -188,9 +193,46 @@ def test_predict_api_and_command(finished_run, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out[0]["image"] == files[0] and len(out[0]["top"]) == 2
     assert set(out[0]["top"][0]) == {"wnid", "lemma", "score"}
-    # tensors work as input and agree with files of the same pixels
-    t = pred.predict([x[0]], top_k=1)[0][0]
-    assert t.wnid in json.loads((run / "data.json").read_text())["classes"]
+    # tensors, PIL images and numpy arrays score exactly as a (lossless) file of the same pixels
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(rgb)
+    from_file = pred.scores([str(rgb)])
+    assert torch.allclose(pred.scores([x[0]]), from_file, atol=1e-6)
+    assert torch.allclose(pred.scores([Image.open(rgb)]), from_file, atol=1e-6)
+    assert torch.allclose(pred.scores([x[0].permute(1, 2, 0).numpy()]), from_file, atol=1e-6)
+
+
+def test_export_predicts_like_the_run(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    from dmde.synthetic import synthetic_images
+
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "export.json", "config.yaml", "ontology.json",
+                                               "groups.json", "MODEL_CARD.md"}
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["model"] == "mixture" and meta["torch_version"] == torch.__version__
+    assert meta["trained_on"] == "cpu" and "top1" in meta["metrics"]
+    assert "top-1" in (out / "MODEL_CARD.md").read_text()
+    x, _ = synthetic_images(10, 1, size=12, seed=9)
+    images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x[:4]]
+    a, b = dmde.load(run), dmde.load(out)
+    assert [[p.wnid for p in r] for r in a.predict(images, top_k=5)] == \
+        [[p.wnid for p in r] for r in b.predict(images, top_k=5)]
+    assert torch.allclose(a.scores(images), b.scores(images), atol=1e-6)
+    # the flat model exports too; an existing, non-empty target is one line, exit 2
+    assert main(["export", str(run), str(tmp_path / "flat"), "--model", "flat"]) == 0
+    assert torch.allclose(dmde.load(tmp_path / "flat").scores(images),
+                          dmde.load(run, model="flat").scores(images), atol=1e-6)
+    capsys.readouterr()
+    assert main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+    # predict reads an export
+    f = tmp_path / "one.png"
+    images[0].save(f)
+    assert main(["predict", str(out), str(f), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["wnid"] == a.predict([images[0]], top_k=1)[0][0].wnid
 
 
 def test_predict_names_a_missing_or_corrupt_file(finished_run, tmp_path, capsys):
@@ -211,6 +253,31 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert "1.5" in err and err.count("\n") == 1
     assert main(["train", "--out", str(tmp_path / "r"), "experts.nope=1"]) == 2
     assert "experts.nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("groups.size=abc", "groups.size='abc' must be an integer"),
+    ("experts.epochs=abc", "experts.epochs='abc' must be an integer"),
+    ("experts.epochs=2.5", "experts.epochs=2.5 must be an integer"),
+    ("groups.overlap=abc", "groups.overlap='abc' must be a number"),
+    ("progress=maybe", "progress='maybe' must be true or false"),
+    ("data.classes=abc", "data.classes='abc' must be a list or null"),
+    ("experts.backbone_kwargs=3", "experts.backbone_kwargs=3 must be a mapping"),
+    ("experts.init=scratch", "experts.init='scratch' is not one of backbone, flat"),
+    ("fusion.calibrate=platt", "fusion.calibrate='platt' is not one of none, temperature, temperature_bias"),
+])
+def test_override_of_the_wrong_type_is_one_line(tmp_path, capsys, override, message):
+    assert main(["train", "--out", str(tmp_path / "r"), "data.dataset=synthetic", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_overrides_of_the_right_type_pass():
+    cfg = load_config(RunConfig, None, ["fusion.finetune.lr=1e-3", "groups.overlap=0", "data.max_per_class=null",
+                                        "fusion.batched=wide", "fusion.batched=true", "data.classes=[n1, n2]"])
+    assert cfg.fusion.finetune.lr == 1e-3 and isinstance(cfg.groups.overlap, float)
+    assert cfg.data.max_per_class is None and cfg.fusion.batched is True and cfg.data.classes == ["n1", "n2"]
 
 
 def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):

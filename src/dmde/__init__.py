@@ -12,8 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(run_dir: str, **kwargs):
-    """Load a finished run directory for prediction: ``dmde.load(run).predict(images)``."""
+def load(path: str, **kwargs):
+    """A finished run directory or an export (``dmde export``), ready for prediction:
+    ``dmde.load(path).predict(images)``; images are files, PIL images, numpy arrays or tensors."""
+    from dmde.export import is_export, load_export
     from dmde.predict import Predictor
 
-    return Predictor.from_run(run_dir, **kwargs)
+    if is_export(path):
+        return load_export(path, **{k: v for k, v in kwargs.items() if k == "device"})
+    return Predictor.from_run(path, **kwargs)

@@ -1,6 +1,7 @@
 """Baselines the paper compares the mixture with (§V, SPEC §7), and a MAC counter to size them.
 
 * :class:`FlatClassifier` — "AlexNet Extension": one backbone with an N-way linear softmax.
+* :class:`FlatEnsemble` — G flat models with their probabilities averaged (equal compute).
 * :class:`EarlyFusion` — the experts' penultimate features concatenated, one N-way layer on top
   (Table IV's "early fusion"); experts frozen by default.
 * :func:`width_matched_flat` — a flat model as wide as it takes to cost as many multiply-adds per
@@ -35,6 +36,21 @@ class FlatClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.backbone(x))  # (B, N)
+
+
+class FlatEnsemble(nn.Module):
+    """G flat models, their softmax probabilities averaged: logits = log((1/G) Σ_g softmax(f_g(x))).
+    The equal-compute reference for a mixture of G experts (the same backbone G times)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) == 0:
+            raise DmdeValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=-1) for m in self.members]).mean(0)  # (B, N)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
 
 class EarlyFusion(nn.Module):

@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "dmde.commands.train",  # dmde train
     "dmde.commands.evaluate",  # dmde evaluate
     "dmde.commands.predict",  # dmde predict
+    "dmde.commands.export",  # dmde export
     "dmde.commands.demo",  # dmde demo
     "dmde.commands.experiment",  # dmde experiment
 )
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "multi-task experts and their fusion.",
     )
     parser.add_argument("--version", action="version", version=f"dmde {__version__}")
+    parser.add_argument("--threads", default=None, metavar="N",
+                        help="torch threads (default: $DMDE_THREADS, else the cores this process may use, "
+                        "shared between torchrun ranks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
@@ -51,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command not in ("ontology", "groups", "export"):  # the commands that run torch
+            from dmde.threads import configure_threads
+
+            configure_threads(args.threads)
         result = args.func(args)
     except DmdeError as exc:
         print(f"dmde: error: {exc}", file=sys.stderr)

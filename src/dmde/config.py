@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
@@ -33,6 +34,69 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return {list: "a list", dict: "a mapping", tuple: "a list"}.get(origin, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(
+        tp, "__name__", str(tp)))
+
+
+def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` (parsed from YAML) fits the annotation ``tp``; the value as the field takes it."""
+    if tp is Any or tp is None:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _matches(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if args and args[0] is not Ellipsis:
+            out = [_matches(v, args[0]) for v in value]
+            return all(ok for ok, _ in out), [v for _, v in out]
+        return True, value
+    if origin in (dict, Mapping) or tp is dict:
+        return isinstance(value, Mapping), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if _is_dataclass_type(tp):
+        return isinstance(value, tp), value
+    return True, value  # an annotation this checker does not know: the dataclass decides
+
+
+def check_type(value: Any, tp: Any, key: str) -> Any:
+    """``value`` for the config field ``key`` annotated ``tp``, or one :class:`DmdeValueError`
+    line naming the key, the value and the type it needs (``groups.size=abc`` is not a traceback)."""
+    ok, out = _matches(value, tp)
+    if not ok:
+        raise DmdeValueError(f"{key}={value!r} must be {_type_name(tp)}")
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
 
@@ -54,8 +118,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
             continue
         value = data[f.name]
         tp = hints.get(f.name)
+        key = f"{where}.{f.name}" if where else f.name
         if _is_dataclass_type(tp) and isinstance(value, Mapping):
-            value = from_dict(tp, value, where=f"{where}.{f.name}" if where else f.name)
+            value = from_dict(tp, value, where=key)
+        else:
+            value = check_type(value, tp, key)
         kwargs[f.name] = value
     return cls(**kwargs)
 

@@ -65,18 +65,23 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode now: a truncated file fails here, not later
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")  # Pillow's advice for palettes with transparency
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # 16-bit / float greyscale: scale to 8 bits instead of clipping.
-                arr = np.asarray(im, dtype=np.float64)
-                top = arr.max() if arr.size and arr.max() > 255 else 255.0
-                im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
-            if im.mode != "RGB":
-                im = im.convert("RGB")  # alpha is dropped
-            arr = np.asarray(im, dtype=np.uint8)
+            return pil_to_tensor(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(f"cannot decode image {name}: {_one_line(exc)}") from None
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode → uint8 tensor (3, H, W) in RGB (alpha dropped, 16-bit scaled)."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow's advice for palettes with transparency
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float greyscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() if arr.size and arr.max() > 255 else 255.0
+        im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # alpha is dropped
+    arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) → (3, H, W)
 
 

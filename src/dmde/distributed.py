@@ -24,9 +24,10 @@ def dist_context() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        # Share the machine's cores between the ranks on it instead of oversubscribing.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if not os.environ.get("DMDE_THREADS"):  # share the cores between the ranks on this machine
+            from dmde.threads import default_threads
+
+            torch.set_num_threads(default_threads(local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return dist.get_rank(), dist.get_world_size()
 
 

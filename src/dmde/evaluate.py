@@ -1,5 +1,13 @@
-"""Evaluation (§V): top-k accuracy, per-class accuracy (Figs. 5, 6) and how far, in WordNet,
-a model's mistakes land (the mean distance D of Eq. 1 between the true and the predicted class).
+"""Evaluation (§V): top-k accuracy, per-class accuracy (Figs. 5, 6), how far, in WordNet,
+a model's mistakes land (the mean distance D of Eq. 1 between the true and the predicted class),
+and a stage-by-stage accounting of where the mixture loses accuracy:
+
+* per expert, on the hold-out images: top-1 among its group's classes beside the flat model's top-1
+  restricted to the same classes (argmax over the group's columns), not-in-group recall on images
+  outside the group, the false not-in-group rate on images inside it, and the expected calibration
+  error of its in-group probability 1 − φ;
+* for the mixture, an oracle row (Υ from the groups that hold the true class only: a perfect gate),
+  then argmax Υ, the N-way layer and the fine-tuned model, so each stage's loss reads as a difference.
 """
 from __future__ import annotations
 
@@ -58,23 +66,125 @@ def class_distances(wnids: Sequence[str], wordnet_dir: str | None = None) -> np.
     return np.asarray(shortest_path_distances(wn, wn.indices(list(wnids))))
 
 
+def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray | None) -> dict[str, Any]:
+    """Top-k accuracies, mistake distance and image count of one score matrix (B, N)."""
+    m: dict[str, Any] = topk_accuracy(scores, targets)
+    if dist is not None:
+        m["mistake_distance"] = mistake_distance(scores, targets, dist)
+    m["n_images"] = int(targets.numel())
+    return m
+
+
 def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, dist: np.ndarray | None,
-                    device: torch.device | str = "cpu", progress: bool = False) -> tuple[dict, dict]:
+                    device: torch.device | str = "cpu", progress: bool = False,
+                    keep_scores: Sequence[str] = ()) -> tuple[dict, dict]:
     """Metrics of every model on ``data`` (an :class:`~dmde.training.ImageTensors`), and their
-    per-class accuracies."""
+    per-class accuracies. The score matrices of the models named in ``keep_scores`` are returned
+    under ``metrics["_scores"]``."""
     from dmde.training import predict_logits
 
-    metrics, per_class = {}, {}
+    metrics, per_class, kept = {}, {}, {}
     for name, model in models.items():
         model.eval()
         scores = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
-        m: dict[str, Any] = topk_accuracy(scores, data.targets)
-        if dist is not None:
-            m["mistake_distance"] = mistake_distance(scores, data.targets, dist)
-        m["n_images"] = len(data)
-        metrics[name] = m
+        metrics[name] = score_metrics(scores, data.targets, dist)
         per_class[name] = per_class_accuracy(scores, data.targets, n_classes)
+        if name in keep_scores:
+            kept[name] = scores
+    if kept:
+        metrics["_scores"] = kept
     return metrics, per_class
+
+
+def restricted_top1(scores: torch.Tensor, targets: torch.Tensor, classes: Sequence[int]) -> float:
+    """Top-1 among ``classes`` on the images of those classes: argmax over their columns only
+    (a flat model read as if it were the expert of that group). NaN without such images."""
+    cols = torch.as_tensor(list(classes), dtype=torch.long)
+    inside = torch.isin(targets, cols)
+    if not bool(inside.any()):
+        return float("nan")
+    pred = cols[scores[inside][:, cols].argmax(1)]
+    return float((pred == targets[inside]).float().mean())
+
+
+def expert_accounting(P: torch.Tensor, layout, targets: torch.Tensor,
+                      flat_scores: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """Per expert j, from padded expert probabilities P (B, G, Mmax+1) on labelled images:
+    ``group_top1`` (among its M_j classes, on its classes' images), ``flat_group_top1`` (the flat
+    model restricted to the same classes and images), ``nig_recall`` (images outside the group
+    called not-in-group: φ above every in-group probability), ``false_nig_rate`` (images inside it
+    called not-in-group) and ``phi_ece`` (expected calibration error of 1 − φ as the probability
+    that the image belongs to the group)."""
+    from dmde.stacking import expected_calibration_error, group_slots
+
+    slots = group_slots(layout, targets)  # (B, G), Mmax outside
+    mmax = layout.max_size
+    has_nig = P.shape[-1] == mmax + 1  # False for the "w/o not-in-group" ablation
+    rows = []
+    for j, classes in enumerate(layout.groups):
+        m = len(classes)
+        inside = slots[:, j] < mmax
+        p = P[:, j]
+        row: dict[str, float] = {"expert": j, "classes": m, "images_in": int(inside.sum()),
+                                 "group_top1": float((p[inside, :m].argmax(1) == slots[inside, j]).float().mean())
+                                 if inside.any() else float("nan")}
+        if flat_scores is not None:
+            row["flat_group_top1"] = restricted_top1(flat_scores, targets, classes)
+        if has_nig:
+            says_nig = p[:, mmax] > p[:, :m].max(1).values
+            row["nig_recall"] = float(says_nig[~inside].float().mean()) if (~inside).any() else float("nan")
+            row["false_nig_rate"] = float(says_nig[inside].float().mean()) if inside.any() else float("nan")
+            row["phi_ece"] = expected_calibration_error(1.0 - p[:, mmax], inside)
+        rows.append(row)
+    return rows
+
+
+def mixture_accounting(models: dict[str, torch.nn.Module], data, dist: np.ndarray | None,
+                       flat_scores: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                       progress: bool = False) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The accounting rows of a run's mixtures: ``mixture_oracle`` (the trained experts, Υ from the
+    groups that hold the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion
+    stage's calibration, when there is one) and ``mixture_finetuned_oracle`` (the oracle of the
+    fine-tuned experts); and the per-expert table (:func:`expert_accounting`) of the trained
+    experts, with the φ calibration error after calibration when the run calibrates."""
+    from dmde.stacking import expected_calibration_error, group_slots, restrict_to_true_groups, stack
+    from dmde.training import predict_logits
+
+    def probs(model: torch.nn.Module, desc: str) -> torch.Tensor:
+        g = len(model.experts)
+        return predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device, progress=progress,
+                              desc=desc).view(len(data), g, -1)
+
+    def stacked(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
+        return stack(P, layout, model.stacking, model.eps, model.lam)
+
+    y = data.targets
+    rows: dict[str, dict] = {}
+    base = models.get("mixture_upsilon")
+    if base is None:
+        return rows, {}
+    layout = base.layout.to("cpu")  # the scores come back on the CPU
+    P = probs(base, "accounting")
+    rows["mixture_oracle"] = score_metrics(stacked(base, restrict_to_true_groups(P, layout, y)), y, dist)
+    table = expert_accounting(P, layout, y, flat_scores)
+    nway = models.get("mixture_nway")
+    if nway is not None and not (bool((nway.temperature == 1).all()) and bool((nway.nig_bias == 0).all())):
+        Pc = probs(nway, "accounting (calibrated)")
+        rows["mixture_upsilon_calibrated"] = score_metrics(stacked(nway, Pc), y, dist)
+        slots = group_slots(layout, y)
+        for j, row in enumerate(table):
+            row["phi_ece_calibrated"] = expected_calibration_error(1.0 - Pc[:, j, -1], slots[:, j] < layout.max_size)
+    tuned = models.get("mixture")
+    if tuned is not None:
+        Pf = probs(tuned, "accounting (fine-tuned)")
+        rows["mixture_finetuned_oracle"] = score_metrics(stacked(tuned, restrict_to_true_groups(Pf, layout, y)),
+                                                         y, dist)
+    return rows, {"experts": table}
+
+
+#: The order of the rows in metrics.json and the printed table: the accounting reads top down.
+ROW_ORDER = ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_nway",
+             "mixture_finetuned_oracle", "mixture", "flat", "flat_ensemble", "flat_wide", "early_fusion")
 
 
 def write_per_class(path: str | os.PathLike, wnids: Sequence[str], lemmas: Sequence[str],
@@ -105,7 +215,13 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
                                 device=device)
         data = splits.align(onto.positions_or(splits.classes)).holdout
     dist = class_distances(onto.classes, cfg.ontology.wordnet)
-    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress)
+    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",))
+    flat_scores = metrics.pop("_scores", {}).get("flat")
+    rows, accounting = mixture_accounting(models, data, dist, flat_scores, device, progress)
+    metrics.update(rows)
+    metrics = {k: metrics[k] for k in sorted(metrics, key=lambda k: ROW_ORDER.index(k) if k in ROW_ORDER else 99)}
+    if accounting:
+        metrics["accounting"] = accounting
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
@@ -114,11 +230,38 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
     return metrics
 
 
-def format_table(metrics: dict[str, dict[str, float]], ks: Sequence[int] = TOPK) -> str:
-    """Metrics as a markdown table (top-k in %)."""
+def model_rows(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-model entries of a metrics dict (without the ``accounting`` section)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, dict) and "top1" in v}
+
+
+def format_accounting(metrics: dict[str, Any]) -> str:
+    """The per-expert accounting as a markdown table (%), empty when the run has none."""
+    table = (metrics.get("accounting") or {}).get("experts") or []
+    if not table:
+        return ""
+
+    def pct(v: Any) -> str:
+        return "–" if v is None or v != v else f"{100 * v:.1f}"
+
+    cal = any("phi_ece_calibrated" in r for r in table)
+    head = ["expert", "classes", "group top-1", "flat on its classes", "Δ", "not-in-group recall",
+            "false not-in-group", "φ ECE"] + (["φ ECE calibrated"] if cal else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        d = r["group_top1"] - r["flat_group_top1"] if "flat_group_top1" in r else float("nan")
+        vals = [str(r["expert"]), str(r["classes"]), pct(r["group_top1"]), pct(r.get("flat_group_top1")),
+                "–" if d != d else f"{100 * d:+.1f}", pct(r.get("nig_recall")), pct(r.get("false_nig_rate")),
+                pct(r.get("phi_ece"))] + ([pct(r.get("phi_ece_calibrated"))] if cal else [])
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def format_table(metrics: dict[str, Any], ks: Sequence[int] = TOPK) -> str:
+    """Metrics as a markdown table (top-k in %); the accounting section is left out."""
     cols = [f"top-{k}" for k in ks] + ["mistake D"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, m in metrics.items():
+    for name, m in model_rows(metrics).items():
         vals = [f"{100 * m[f'top{k}']:.2f}" for k in ks]
         d = m.get("mistake_distance")
         vals.append("–" if d is None or d != d else f"{d:.2f}")

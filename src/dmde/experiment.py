@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from dmde.errors import DmdeFileError, DmdeValueError
+from dmde.evaluate import model_rows
 from dmde.io import read_json, write_json
 
 #: Where ``--suite NAME`` is looked up: ``configs/NAME`` of the source tree.
@@ -311,7 +312,7 @@ class RowResult:
     def models(self) -> list[str]:
         names: list[str] = []
         for m in self.metrics.values():
-            names += [k for k in m if k not in names]
+            names += [k for k in model_rows(m) if k not in names]
         return names
 
     def values(self, model: str, key: str) -> dict[int, float]:
@@ -443,6 +444,56 @@ def write_report(suite: Suite, out: str | os.PathLike, regimes: Sequence[str] = 
     return path
 
 
+#: The accounting's rows, top down: what each stage of the mixture keeps of what the experts know.
+ACCOUNTING_ROWS = (("mixture_oracle", "oracle: Υ from the groups holding the true class (a perfect gate)"),
+                   ("mixture_upsilon", "argmax Υ (Eq. 7)"),
+                   ("mixture_upsilon_calibrated", "argmax Υ after calibrating each expert"),
+                   ("mixture_nway", "N-way softmax (Eq. 10)"),
+                   ("mixture_finetuned_oracle", "oracle of the fine-tuned experts"),
+                   ("mixture", "fine-tuned end to end (Eq. 11)"),
+                   ("flat", "flat"), ("flat_ensemble", "ensemble of G flat models"))
+
+
+def _accounting_report(res: dict[str, RowResult]) -> list[str]:
+    """Where the mixture row loses accuracy: its stages top down, and each expert on its own
+    classes beside the flat model restricted to them (mean ± std over the seeds)."""
+    mix = res.get("mixture")
+    if mix is None or not any("accounting" in m for m in mix.metrics.values()):
+        return []
+    L = ["### Accounting: where the mixture loses accuracy (row `mixture`)", "",
+         "Top-1 % on the hold-out split, mean ± std over seeds; Δ is paired per seed against the row above it.", "",
+         "| stage | model | top-1 | Δ vs the row above | top-5 |", "|---|---|---|---|---|"]
+    prev = None
+    for model, label in ACCOUNTING_ROWS:
+        v = mix.values(model, "top1")
+        if not v:
+            continue
+        d = fmt(paired(v, mix.values(prev, "top1"))) if prev else ""
+        L.append(f"| {label} | {model} | {fmt(v)} | {d} | {fmt(mix.values(model, 'top5'))} |")
+        prev = model
+    tables = {s: m["accounting"]["experts"] for s, m in mix.metrics.items() if "accounting" in m}
+    n = min(len(t) for t in tables.values())
+
+    def col(j: int, key: str) -> dict[int, float]:
+        return {s: float(t[j][key]) for s, t in tables.items() if key in t[j]}
+
+    L += ["", "Each expert on the hold-out images of its own classes (top-1 among them), beside the flat model "
+          "restricted to the same classes and images; not-in-group recall on the images outside the group, false "
+          "not-in-group rate inside it; φ ECE: expected calibration error of 1 − φ (15 bins), before and after "
+          "the fusion stage's calibration. Mean ± std over seeds (the groups of a seed differ: groups.seed).", "",
+          "| expert | group top-1 | flat on its classes | Δ (paired) | not-in-group recall | false not-in-group | "
+          "φ ECE | φ ECE calibrated |", "|---|---|---|---|---|---|---|---|"]
+    for j in range(n):
+        g, f = col(j, "group_top1"), col(j, "flat_group_top1")
+        L.append(f"| {j} | {fmt(g)} | {fmt(f)} | {fmt(paired(g, f))} | {fmt(col(j, 'nig_recall'))} | "
+                 f"{fmt(col(j, 'false_nig_rate'))} | {fmt(col(j, 'phi_ece'))} | {fmt(col(j, 'phi_ece_calibrated'))} |")
+    wins = {s: sum(t[j]["group_top1"] >= t[j].get("flat_group_top1", float("inf")) for j in range(n))
+            for s, t in tables.items()}
+    L += ["", "Experts at least as accurate on their own classes as the restricted flat model: " +
+          ", ".join(f"seed {s}: {w}/{n}" for s, w in sorted(wins.items())), ""]
+    return L
+
+
 def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[str, Any]) -> list[str]:
     from dmde.config import load_config
     from dmde.pipeline import RunConfig
@@ -473,12 +524,15 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
                                            'lambda_0.0' in res else "–") + ")",
           f"- experts: `{e.backbone}` {e.backbone_kwargs}, {e.epochs} epoch(s), {e.optimizer} lr {e.lr}, batch "
           f"{e.batch_size}, multi-task head (δ1 = {e.delta1}, δ2 = {e.delta2}), "
-          f"not-in-group ratio {e.not_in_group_ratio}",
+          f"not-in-group ratio {e.not_in_group_ratio}; start: {e.init}; budget: {e.budget} "
+          f"({'as many optimiser steps per expert as the flat model' if e.budget == 'flat_steps' else 'epochs over the group view'})",
           f"- fusion: stacking {cfg.fusion.stacking} (ε = {cfg.fusion.eps}), N-way {cfg.fusion.nway} on "
           f"{cfg.fusion.input} Υ, {cfg.fusion.epochs} epochs; end-to-end fine-tuning {cfg.fusion.finetune.epochs} "
-          f"epoch(s); the mixture's final model here: **{final}**",
+          f"epoch(s); calibration before Eq. 7: {cfg.fusion.calibrate}; the mixture's final model here: **{final}**",
           f"- flat baseline: the same backbone with one N-way softmax, trained on the experts' and the N-way "
-          f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)",
+          f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)" +
+          (f"; ensemble: {_n_groups(ref)} such flat models (seeds), probabilities averaged" if cfg.baselines.ensemble
+           else ""),
           "- seeds: a seed sets experts.seed and groups.seed; finished: " +
           ", ".join(f"{r} {sorted(rr.runs)}" for r, rr in res.items()), ""]
     ks3 = (1, 5, 10)
@@ -490,19 +544,21 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           ("ours, fine-tuned end to end (Eq. 11)", "finetuned", "mixture", None),
           ("flat (\"AlexNet Extension\")", "mixture", "flat", "flat"),
           ("flat, width-matched", "mixture", "flat_wide", None),
+          ("ensemble of G flat models (equal compute)", "mixture", "flat_ensemble", None),
           ("random assignment", "random", _final(res.get("random")), "random"),
           ("visual tree", "visual", _final(res.get("visual")), "visual"),
           ("Stack 2 (Eq. 12)", "stack2", _final(res.get("stack2")), "stack2"),
           ("Stack 2, argmax Υ", "stack2", "mixture_upsilon", None)]
     for label, row, model, paper in t1:
         rr = res.get(row)
-        if model == "flat_wide" and not (rr and any("flat_wide" in m for m in rr.metrics.values())):
+        if model in ("flat_wide", "flat_ensemble") and not (rr and any(model in m for m in rr.metrics.values())):
             continue
         if row == "finetuned" and (rr is None or final == "mixture" or "mixture" not in rr.models()):
             continue  # the mixture row is fine-tuned already (its base config does it)
         p = " / ".join(f"{v:.2f}" for v in PAPER["table1"][paper]) if paper else ""
         L.append(f"| {label} | {row} | {model or '–'} | " + " | ".join(_topk_cells(rr, model, ks3)) + f" | {p} |")
     L.append("")
+    L += _accounting_report(res)
     # ---- every model of every row
     L += ["All models of every row (top-1 / 2 / 5 / 10 %, and D = mean WordNet distance of the top-1 mistakes, "
           "edges + 1, lower = nearer misses):", "",
@@ -607,6 +663,16 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
         L.append(f"| {claim} | {a[0]}:{a[1]} | {b[0]}:{b[1]} | {fmt(d)} | {verdict(d, weak)} |")
 
     row("mixture > flat", ("mixture", final), ("mixture", "flat"))
+    if any("flat_ensemble" in m for m in mix.metrics.values()):
+        row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), ("mixture", "flat_ensemble"))
+    if "init_backbone" in res:
+        row("warm start from the flat model helps (experts.init=flat)", ("mixture", final),
+            ("init_backbone", _final(res.get("init_backbone"))))
+    if "no_calibration" in res:
+        row("calibration before Eq. 7 helps", ("mixture", final), ("no_calibration", _final(res.get("no_calibration"))))
+    if "view_epochs" in res:
+        row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final),
+            ("view_epochs", _final(res.get("view_epochs"))))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
     if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
         row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))

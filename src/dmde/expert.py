@@ -8,7 +8,7 @@ never in the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from dmde.backbones import create_backbone
 from dmde.config import from_dict
 from dmde.multitask import MultiTaskHead
 
-__all__ = ["Expert", "ExpertModelConfig"]
+__all__ = ["Expert", "ExpertModelConfig", "init_from_flat"]
 
 
 @dataclass
@@ -84,3 +84,18 @@ class Expert(nn.Module):
             multitask=getattr(cfg, "multitask", True),
             **dict(getattr(cfg, "backbone_kwargs", None) or {}),
         )
+
+
+@torch.no_grad()
+def init_from_flat(expert: Expert, flat_state: Mapping[str, torch.Tensor], group: Sequence[int]) -> Expert:
+    """Start ``expert`` where a trained flat model is (HD-CNN's warm start of its fine components):
+    its backbone takes the flat model's body (``backbone.*``, the same architecture), the class rows
+    W_k of its head the flat classifier's rows of the group's classes (W_0 = 0, V_k = those rows)
+    with their biases; the not-in-group row keeps its fresh initialisation. ``flat_state`` is a
+    :class:`dmde.baselines.FlatClassifier` state dict, ``group`` the classes' positions."""
+    prefix = "backbone."
+    body = {k[len(prefix):]: v for k, v in flat_state.items() if k.startswith(prefix)}
+    expert.backbone.load_state_dict(body)  # strict: another architecture is an error
+    idx = torch.as_tensor(list(group), dtype=torch.long)
+    expert.head.set_class_rows(flat_state["classifier.weight"][idx], flat_state["classifier.bias"][idx])
+    return expert

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from dmde.batched import StackCache, WideBackbones, training_norms, updated_buffers, wide_support
 from dmde.errors import DmdeValueError, MismatchError
-from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, stack
+from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, calibrate_logits, stack
 
 NWAY_KINDS = ("dense", "lowrank")
 NWAY_INPUTS = ("upsilon", "log")
@@ -182,6 +182,9 @@ class Mixture(nn.Module):
         self.n_classes, self.stacking, self.eps, self.lam = n_classes, stacking, eps, lam
         self.nway = nway
         self.batched = batched
+        # Per-expert calibration before Eq. 9's softmax (fusion.calibrate): T_j = 1, b_j = 0 is none.
+        self.register_buffer("temperature", torch.ones(len(experts)))
+        self.register_buffer("nig_bias", torch.zeros(len(experts)))
         self._stack_cache = StackCache()
         self._wide: WideBackbones | None = None
         self._wide_checked: bool | str = False
@@ -321,14 +324,21 @@ class Mixture(nn.Module):
 
     def expert_probs(self, x: Tensor) -> Tensor:
         """Padded expert probabilities P (B, G, Mmax+1), φ in the last column (Eq. 9's p_j)."""
+        return torch.softmax(self.calibrate(self.padded_logits(x)), dim=-1)
+
+    def padded_logits(self, x: Tensor) -> Tensor:
+        """The experts' raw logits in the padded layout (B, G, Mmax+1), −inf in empty slots."""
         layout = self._current_layout()
         out = self._expert_outputs(x)
         if isinstance(out, Tensor) and out.shape[-1] in (layout.max_size, layout.max_size + 1) \
                 and layout.equal_sizes:
-            logits = out.transpose(0, 1)  # every M_j = Mmax: already the padded layout (B, G, W)
-        else:
-            logits = layout.pad(list(out), fill=-math.inf)  # (B, G, Mmax[+1])
-        return torch.softmax(logits, dim=-1)
+            return out.transpose(0, 1)  # every M_j = Mmax: already the padded layout (B, G, W)
+        return layout.pad(list(out), fill=-math.inf)  # (B, G, Mmax[+1])
+
+    def calibrate(self, logits: Tensor) -> Tensor:
+        """Padded logits (B, G, W) / T_j, + b_j on the not-in-group column (identity by default)."""
+        has_nig = logits.shape[-1] == self._current_layout().max_size + 1
+        return calibrate_logits(logits, self.temperature, self.nig_bias if has_nig else None)
 
     def upsilon(self, x: Tensor) -> Tensor:
         """Υ (B, N), Eq. 7 or the chosen variant."""

@@ -129,6 +129,21 @@ class MultiTaskHead(nn.Module):
             return torch.cat([self.class_weights, self.not_in_group_weight.unsqueeze(0)])  # (M + 1, d)
         return self.class_weights
 
+    @torch.no_grad()
+    def set_class_rows(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the M class rows W_k (M, d) and their biases (M,): W_0 = 0 and V_k = W_k (or the
+        plain head's first M rows); the not-in-group row and bias are left as they are."""
+        m, d = self.n_classes, self.in_features
+        if tuple(weight.shape) != (m, d) or tuple(bias.shape) != (m,):
+            raise DmdeValueError(f"class rows must be ({m}, {d}) and ({m},), got {tuple(weight.shape)}, "
+                                 f"{tuple(bias.shape)}")
+        if self.multitask:
+            self.w0.zero_()
+            self.v.copy_(weight)
+        else:
+            self.plain_weight[:m].copy_(weight)
+        self.bias[:m].copy_(bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)  # (B, M(+1))
 

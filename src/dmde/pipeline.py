@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,6 +87,9 @@ class FusionConfig:
     epochs: int = 10  # N-way layer on cached Υ
     lr: float = 1e-3
     identity_l2: float = 1e-2  # pull A towards I: a small fusion split must not undo argmax Υ
+    # Calibrate each expert's outputs on the fusion split before Eq. 7: none | temperature (T_j) |
+    # temperature_bias (T_j and a bias b_j on the not-in-group logit: the 1:1 training view's prior).
+    calibrate: str = "none"
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
     # All experts in one pass (inference / fine-tuning): False/'loop', True/'auto' (the wide network
@@ -101,6 +104,7 @@ class BaselinesConfig:
     flat: bool = True
     early_fusion: bool = False
     width_matched_flat: bool = False
+    ensemble: bool = False  # G flat models (seeds), probabilities averaged: the mixture's equal-compute reference
     epochs: int | None = None  # None: as many as the experts
     early_fusion_epochs: int = 30
 
@@ -117,7 +121,8 @@ class RunConfig:
     progress: bool = True
 
 
-STAGES = ("ontology", "groups", "experts", "fusion", "finetune", "flat", "flat_wide", "early_fusion", "evaluate")
+STAGES = ("ontology", "groups", "experts", "fusion", "finetune", "flat", "flat_wide", "ensemble", "early_fusion",
+          "evaluate")
 # What each stage leaves in the run directory (removed when the stage must be redone).
 OUTPUTS = {
     "ontology": ["ontology.json"],
@@ -127,6 +132,7 @@ OUTPUTS = {
     "finetune": ["mixture.pt", "mixture.jsonl"],
     "flat": ["flat.pt", "flat.jsonl"],
     "flat_wide": ["flat_wide.pt", "flat_wide.jsonl"],
+    "ensemble": ["ensemble"],
     "early_fusion": ["early_fusion.pt"],
     "evaluate": ["metrics.json", "per_class.csv", "per_class.png"],
 }
@@ -144,6 +150,9 @@ def validate(cfg: RunConfig) -> None:
         "fusion.stacking": (cfg.fusion.stacking, ("eq7", "eq7_log", "stack2", "sum")),
         "fusion.nway": (cfg.fusion.nway, ("dense", "lowrank", "none")),
         "fusion.input": (cfg.fusion.input, ("log", "upsilon")),
+        "fusion.calibrate": (cfg.fusion.calibrate, ("none", "temperature", "temperature_bias")),
+        "experts.init": (cfg.experts.init, ("backbone", "flat")),
+        "experts.budget": (cfg.experts.budget, ("epochs", "flat_steps")),
         "experts.optimizer": (cfg.experts.optimizer, ("sgd", "adamw")),
         "fusion.finetune.optimizer": (cfg.fusion.finetune.optimizer, ("sgd", "adamw")),
         "fusion.batched": (cfg.fusion.batched, (False, True, "loop", "auto", "wide", "vmap")),
@@ -166,6 +175,11 @@ def validate(cfg: RunConfig) -> None:
     for key, value in (("experts.batch_size", cfg.experts.batch_size), ("fusion.batch_size", cfg.fusion.batch_size)):
         if int(value) < 1:
             bad(key, value, "must be at least 1")
+    if cfg.fusion.calibrate != "none" and (cfg.fusion.nway == "none" or not cfg.experts.not_in_group):
+        bad("fusion.calibrate", cfg.fusion.calibrate, "is fitted in the fusion stage: it needs fusion.nway "
+            "(dense or lowrank) and experts with a not-in-group output")
+    if cfg.baselines.ensemble and not cfg.baselines.flat:
+        bad("baselines.ensemble", cfg.baselines.ensemble, "takes the flat model as its first member: set baselines.flat=true")
     if cfg.experts.not_in_group is False and cfg.fusion.stacking != "sum":
         bad("fusion.stacking", cfg.fusion.stacking, "needs not-in-group outputs; use stacking=sum with "
             "experts.not_in_group=false")
@@ -395,18 +409,22 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     """Hash of each stage's inputs: its own settings plus the hashes of the stages it uses."""
     h: dict[str, str] = {}
     data = config_hash(cfg.data)
+    # Settings added after runs existed hash only when changed, so those runs stay finished.
+    later = {"init": "backbone", "budget": "epochs", "calibrate": "none"}
     h["ontology"] = config_hash([data, to_dict(cfg.ontology)])
     h["groups"] = config_hash([h["ontology"], to_dict(cfg.groups)])
-    h["experts"] = config_hash([h["groups"], data, to_dict(cfg.experts)])
-    fusion = to_dict(cfg.fusion)
+    exp = {k: v for k, v in to_dict(cfg.experts).items() if later.get(k, object()) != v}
+    flat_exp = {k: v for k, v in exp.items() if k not in ("init", "budget")}  # how experts start/run
+    h["flat"] = config_hash([h["ontology"], data, flat_exp, cfg.baselines.epochs])
+    h["experts"] = config_hash([h["groups"], data, exp] + ([h["flat"]] if cfg.experts.init == "flat" else []))
+    fusion = {k: v for k, v in to_dict(cfg.fusion).items() if later.get(k, object()) != v}
     finetune = fusion.pop("finetune")
     fusion.pop("batched")
     finetune["batched"] = fusion.pop("batched_finetune")
     h["fusion"] = config_hash([h["experts"], fusion])
     h["finetune"] = config_hash([h["fusion"], finetune])
-    exp = to_dict(cfg.experts)
-    h["flat"] = config_hash([h["ontology"], data, exp, cfg.baselines.epochs])
     h["flat_wide"] = config_hash([h["flat"], h["groups"], cfg.fusion.nway, cfg.fusion.rank])
+    h["ensemble"] = config_hash([h["flat"], h["groups"], "ensemble"])
     h["early_fusion"] = config_hash([h["experts"], cfg.baselines.early_fusion_epochs])
     h["evaluate"] = config_hash([h[s] for s in STAGES[:-1]] + [to_dict(cfg.baselines)])
     return h
@@ -416,8 +434,11 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
 
 
 def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
-          only_experts: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage up to ``until`` (default: all); returns the metrics."""
+          only_experts: Sequence[int] | None = None,
+          on_stage: Callable[[str, Path], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage up to ``until`` (default: all); returns the metrics.
+    ``on_stage(name, run_dir)`` is called on rank 0 once each stage is finished (or was already):
+    :class:`dmde.narrate.Narrator` prints what it did."""
     from dmde.ontology import Ontology, build_semantic_ontology
     from dmde.distributed import barrier, dist_context
     from dmde.train_experts import train_all_experts
@@ -429,6 +450,11 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     run = Run(run_dir, cfg)
     rank, world = dist_context()
     device = resolve_device(cfg.device)
+
+    def tell(name: str) -> None:
+        if on_stage is not None and rank == 0:
+            on_stage(name, run.dir)
+
     if rank == 0:
         save_config(cfg, run.dir / "config.yaml")
     hashes = stage_hashes(cfg)
@@ -439,7 +465,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     splits = prepare_splits(cfg, wn, progress=progress, cache_dir=run.dir, device=device)
     if rank == 0:
         barrier()
-        write_json(run.dir / "data.json", data_summary(cfg, splits))
+        write_json(run.dir / "data.json", {**data_summary(cfg, splits), "device": str(device)})
 
     def want(name: str) -> bool:
         return until is None or STAGES.index(name) <= STAGES.index(until)
@@ -455,6 +481,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
             run.finish("ontology")
         barrier()
     onto = Ontology.from_json(run.dir / "ontology.json")
+    tell("ontology")
     positions = onto.positions_or(splits.classes)
     splits = splits.align(positions)
     n = onto.n_classes
@@ -468,8 +495,36 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
             run.finish("groups", n_groups=len(groups.groups))
         barrier()
     groups = load_groups(run.dir, onto)
+    tell("groups")
     if not want("experts"):
         return {}
+
+    def stage(name: str, enabled: bool, fn, parallel: bool = False, record=None) -> None:
+        """Run a stage once: on rank 0, or on every rank (data-parallel) when ``parallel``;
+        ``record()`` adds facts about the finished stage to stages.json."""
+        barrier()
+        run.reload()
+        if not enabled:
+            return
+        if not run.is_done(name, hashes[name]):
+            if rank == 0:
+                run.begin(name, hashes[name])
+            barrier()
+            if parallel or rank == 0:
+                fn()
+            barrier()
+            if rank == 0:
+                run.finish(name, **(record() if record else {}))
+        tell(name)
+
+    everything = cat_data(splits.train, splits.fusion)
+
+    def flat() -> None:
+        train_flat(run.dir / "flat.pt", everything, n, cfg, onto.hash(), device, progress)
+
+    warm = cfg.experts.init == "flat"
+    if warm:  # the experts start from the flat model (HD-CNN's warm start): it trains first
+        stage("flat", True, flat, parallel=True)
 
     # ---- experts (§IV-B)
     h = hashes["experts"]
@@ -479,34 +534,19 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
         barrier()
         results = train_all_experts(groups.groups, groups.wnids, splits.train, cfg.experts, run.dir / "experts",
                                     onto.hash(), holdout=splits.holdout, only=only_experts, device=device,
-                                    progress=progress)
+                                    progress=progress, init_from=load_flat_state(run.dir, onto) if warm else None,
+                                    flat_samples=len(everything))
         write_json(run.dir / "experts" / f"metrics_rank{rank}.json", {str(k): v for k, v in results.items()})
         if rank == 0 and only_experts is None:
             run.finish("experts")
         barrier()
         if only_experts is not None:
             return {"experts": results}
+    tell("experts")
     if not want("fusion"):
         return {}
 
-    def stage(name: str, enabled: bool, fn, parallel: bool = False, record=None) -> None:
-        """Run a stage once: on rank 0, or on every rank (data-parallel) when ``parallel``;
-        ``record()`` adds facts about the finished stage to stages.json."""
-        barrier()
-        run.reload()
-        if not enabled or run.is_done(name, hashes[name]):
-            return
-        if rank == 0:
-            run.begin(name, hashes[name])
-        barrier()
-        if parallel or rank == 0:
-            fn()
-        barrier()
-        if rank == 0:
-            run.finish(name, **(record() if record else {}))
-
     experts = load_experts(run.dir, onto, groups)
-    everything = cat_data(splits.train, splits.fusion)
     # ---- fusion: the N-way softmax on Υ (Eqs. 7–10), experts frozen
     stage("fusion", cfg.fusion.nway != "none",
           lambda: train_fusion(run.dir / "fusion.pt", experts, groups.groups, n,
@@ -516,8 +556,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
           lambda: finetune(run.dir / "mixture.pt", build_mixture(run.dir, cfg, experts, groups.groups, n, "fusion"),
                            everything, cfg, onto.hash(), device, progress), parallel=True)
     # ---- baselines (§V)
-    stage("flat", want("flat") and cfg.baselines.flat,
-          lambda: train_flat(run.dir / "flat.pt", everything, n, cfg, onto.hash(), device, progress), parallel=True)
+    stage("flat", want("flat") and cfg.baselines.flat, flat, parallel=True)
 
     def flat_wide() -> None:
         model, match = width_matched_model(cfg, n, groups, splits.train)
@@ -528,6 +567,14 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
 
     stage("flat_wide", want("flat_wide") and cfg.baselines.width_matched_flat, flat_wide, parallel=True,
           record=lambda: load_checkpoint(run.dir / "flat_wide.pt")["width_match"])
+
+    def ensemble() -> None:  # member 0 is the flat model itself
+        for k in range(1, len(groups.groups)):
+            train_flat(run.dir / "ensemble" / f"flat_{k:03d}.pt", everything, n, cfg, onto.hash(), device, progress,
+                       member=k)
+
+    stage("ensemble", want("ensemble") and cfg.baselines.ensemble and len(groups.groups) > 1, ensemble,
+          parallel=True, record=lambda: {"members": len(groups.groups)})
     stage("early_fusion", want("early_fusion") and cfg.baselines.early_fusion,
           lambda: train_early_fusion(run.dir / "early_fusion.pt", experts, everything, n, cfg, device, progress))
     if rank != 0:
@@ -540,6 +587,8 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
         run.begin("evaluate", hashes["evaluate"])
         evaluate_run(run.dir, data=splits.holdout, device=device, progress=progress)
         run.finish("evaluate")
+    if want("evaluate"):
+        tell("evaluate")
     return read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").exists() else {}
 
 
@@ -660,10 +709,15 @@ def build_mixture(run_dir: Path, cfg: RunConfig, experts: Sequence[nn.Module], g
     nway = None
     if stage != "upsilon" and f.nway != "none":
         nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
-        if (run_dir / "fusion.pt").exists():
-            nway.load_state_dict(load_checkpoint(run_dir / "fusion.pt")["model"])
+    fusion = load_checkpoint(run_dir / "fusion.pt") if stage != "upsilon" and (run_dir / "fusion.pt").exists() \
+        else {}
+    if nway is not None and fusion:
+        nway.load_state_dict(fusion["model"])
     mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, nway=nway,
                       batched=f.batched)
+    for name in ("temperature", "nig_bias"):  # the experts' calibration, fitted with the N-way layer
+        if name in fusion:
+            getattr(mixture, name).copy_(fusion[name])
     if stage == "finetune" and (run_dir / "mixture.pt").exists():
         mixture.load_state_dict(load_checkpoint(run_dir / "mixture.pt")["model"])
     mixture.eval()
@@ -683,6 +737,10 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
 
     mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, batched=f.batched)
     mixture.to(device).eval()
+    calibration = {}
+    if f.calibrate != "none":  # T_j (and b_j) on the fusion split, before Eq. 7
+        calibration = calibrate_mixture(mixture, data, bias=f.calibrate == "temperature_bias", device=device,
+                                        progress=progress)
     ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ")  # (n_img, N)
     torch.manual_seed(mix_seed(0xF0, n))
     nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
@@ -704,8 +762,23 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
         acc = float((nway(ups).argmax(1) == y).float().mean())
         acc0 = float((ups.argmax(1) == y).float().mean())
     metrics = {"fusion_train_acc": acc, "upsilon_train_acc": acc0}
-    save_checkpoint(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics})
+    save_checkpoint(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics, **calibration})
     return metrics
+
+
+def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """Fit every expert's temperature (and not-in-group bias) on ``data`` and set them on the
+    mixture (:func:`dmde.stacking.fit_calibration`); returns them for the fusion checkpoint."""
+    from dmde.stacking import fit_calibration, group_slots
+
+    g = len(mixture.experts)
+    logits = predict_logits(lambda x: mixture.padded_logits(x).flatten(1), data, device=device,
+                            progress=progress, desc="calibrate").view(len(data), g, -1)
+    temperature, nig_bias = fit_calibration(logits, group_slots(mixture.layout.to("cpu"), data.targets), bias=bias)
+    mixture.temperature.copy_(temperature)
+    mixture.nig_bias.copy_(nig_bias)
+    return {"temperature": temperature, "nig_bias": nig_bias}
 
 
 def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig, ontology_hash: str,
@@ -763,12 +836,16 @@ def _flat_model(cfg: RunConfig, n: int, width: dict[str, Any] | None = None) -> 
 
 
 def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_hash: str, device: torch.device,
-               progress: bool, model: nn.Module | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The flat baseline ("AlexNet Extension"): the experts' backbone with one N-way softmax."""
+               progress: bool, model: nn.Module | None = None, extra: dict[str, Any] | None = None,
+               member: int = 0) -> dict[str, Any]:
+    """The flat baseline ("AlexNet Extension"): the experts' backbone with one N-way softmax.
+    ``member`` k > 0: the k-th flat model of the ensemble baseline (its own initial weights and
+    data order; member 0 is the flat model itself)."""
     import dataclasses
 
+    seeds = (0xF1A7,) if member == 0 else (0xF1A7, member)
     if model is None:
-        torch.manual_seed(mix_seed(cfg.experts.seed, 0xF1A7))
+        torch.manual_seed(mix_seed(cfg.experts.seed, *seeds))
         model = _flat_model(cfg, n)
     model = model.to(device)
     ocfg = OptimConfig(**{f.name: getattr(cfg.experts, f.name) for f in dataclasses.fields(OptimConfig)})
@@ -781,7 +858,7 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
 
     return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
                extra_state=(lambda: dict(extra)) if extra else None,
-               seed_parts=(0xF1A7,), device=device, desc=path.stem, progress=progress, data_parallel=True)
+               seed_parts=seeds, device=device, desc=path.stem, progress=progress, data_parallel=True)
 
 
 def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,
@@ -847,6 +924,35 @@ def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> t
     return data, int((~keep).sum())
 
 
+def _load_flat(path: Path, cfg: RunConfig, onto) -> nn.Module:
+    from dmde.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    if state.get("ontology_hash") != onto.hash():
+        raise MismatchError(f"{path} was trained for another ontology")
+    flat = _flat_model(cfg, onto.n_classes, state.get("width_match"))
+    flat.load_state_dict(state["model"])
+    return flat
+
+
+def load_flat_state(run_dir: Path, onto) -> dict[str, torch.Tensor]:
+    """The trained flat model's weights, for the experts' warm start (experts.init=flat)."""
+    from dmde.checkpoint import load_checkpoint
+
+    path = Path(run_dir) / "flat.pt"
+    if not path.exists():
+        raise DmdeFileError(f"experts.init=flat needs {path}: the flat stage has not run")
+    state = load_checkpoint(path)
+    if state.get("ontology_hash") != onto.hash():
+        raise MismatchError(f"{path} was trained for another ontology")
+    return state["model"]
+
+
+def _stage_done(run_dir: Path, name: str) -> bool:
+    path = Path(run_dir) / "stages.json"
+    return path.exists() and bool(read_json(path).get(name, {}).get("done"))
+
+
 def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, nn.Module], Any]:
     """Every trained model of a run, by name, for evaluation and prediction.
 
@@ -881,12 +987,12 @@ def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") 
             models["early_fusion"] = ef
     for name in ("flat", "flat_wide"):
         if (run_dir / f"{name}.pt").exists():
-            state = load_checkpoint(run_dir / f"{name}.pt")
-            if state.get("ontology_hash") != onto.hash():
-                raise MismatchError(f"{run_dir / (name + '.pt')} was trained for another ontology")
-            flat = _flat_model(cfg, n, state.get("width_match"))
-            flat.load_state_dict(state["model"])
-            models[name] = flat
+            models[name] = _load_flat(run_dir / f"{name}.pt", cfg, onto)
+    members = sorted((run_dir / "ensemble").glob("flat_*.pt")) if "flat" in models else []
+    if members and _stage_done(run_dir, "ensemble"):
+        from dmde.baselines import FlatEnsemble
+
+        models["flat_ensemble"] = FlatEnsemble([models["flat"]] + [_load_flat(p, cfg, onto) for p in members])
     for m in models.values():
         m.to(device).eval()
     return models, cfg

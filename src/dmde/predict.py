@@ -1,6 +1,7 @@
 """Prediction with a trained run: ``dmde.load(run_dir).predict(images)``.
 
-Images are files (any Pillow format, any mode) or uint8 / float tensors (3, H, W); each is
+Images are files (any Pillow format, any mode), PIL images, numpy arrays (H, W[, C]) or uint8 /
+float tensors (3, H, W); each is
 resized to the run's input size, normalised like the training data, and scored by the run's
 best model (the fine-tuned mixture when present, else the mixture with its N-way layer, else
 argmax Υ, else the flat baseline).
@@ -77,12 +78,27 @@ class Predictor:
                    device=device)
 
     def _load(self, image: Any) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
         from dmde.transforms import resize
 
-        if isinstance(image, torch.Tensor):
+        if isinstance(image, Image.Image):
+            from dmde.data import pil_to_tensor
+
+            image = pil_to_tensor(image)
+        elif isinstance(image, np.ndarray):  # as np.asarray(PIL image) gives: (H, W) or (H, W, C)
+            if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise DmdeValueError(f"a numpy image must be (H, W) or (H, W, 1|3|4), got {image.shape}")
+            arr = image if image.ndim == 2 else image[..., :3]
+            image = torch.from_numpy(np.ascontiguousarray(arr))
+            image = image.unsqueeze(0) if image.dim() == 2 else image.permute(2, 0, 1)
+        if isinstance(image, torch.Tensor):  # (3, H, W), (1, H, W) or (H, W); uint8 0–255 or float 0–1
             x = image
             if x.dim() == 2:
                 x = x.unsqueeze(0)
+            if x.dim() != 3 or x.shape[0] not in (1, 3):
+                raise DmdeValueError(f"an image tensor must be (3, H, W), (1, H, W) or (H, W), got {tuple(x.shape)}")
             if x.shape[0] == 1:
                 x = x.expand(3, -1, -1)
             x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()

@@ -271,3 +271,73 @@ def stack(
     if variant == "sum":
         return stack_sum(P, layout)
     raise DmdeValueError(f"unknown stacking variant {variant!r}; known: {', '.join(VARIANTS)}")
+
+
+# --------------------------------------------------------------------------- accounting, calibration
+
+
+def group_slots(layout: GroupLayout, targets: Tensor) -> Tensor:
+    """(B, G) long: the slot of each image's class in every group, Mmax where the group lacks it
+    (the padded not-in-group column: each expert's own target in the group view)."""
+    hit = layout.class_index.unsqueeze(0) == targets.view(-1, 1, 1)  # (B, G, Mmax)
+    slot = hit.float().argmax(-1)
+    return torch.where(hit.any(-1), slot, torch.full_like(slot, layout.max_size))
+
+
+def restrict_to_true_groups(P: Tensor, layout: GroupLayout, targets: Tensor) -> Tensor:
+    """The oracle's P (B, G, Mmax+1): the in-group probabilities of every expert whose group lacks
+    the image's true class set to 0, so stacking (any variant) sees only the groups that hold it.
+    argmax of Υ on this P is the best that the experts' in-group rankings and φ allow once a
+    perfect gate has chosen the groups: the gap to argmax Υ is what the gating loses."""
+    m = layout.max_size
+    holds = (layout.class_index.unsqueeze(0) == targets.view(-1, 1, 1)).any(-1)  # (B, G)
+    out = P.clone()
+    out[..., :m] = P[..., :m] * holds.unsqueeze(-1).to(P.dtype)
+    return out
+
+
+def calibrate_logits(logits: Tensor, temperature: Tensor, nig_bias: Tensor | None = None) -> Tensor:
+    """Per-expert calibration of padded logits (B, G, W) before the softmax of Eq. 9:
+    ``logits / T_j``, then ``+ b_j`` on the not-in-group column (the last). T (G,) > 0, b (G,)."""
+    out = logits / temperature.view(1, -1, 1)
+    if nig_bias is not None:
+        out = torch.cat([out[..., :-1], out[..., -1:] + nig_bias.view(1, -1, 1)], dim=-1)
+    return out
+
+
+def fit_calibration(logits: Tensor, slots: Tensor, bias: bool = True, steps: int = 200) -> tuple[Tensor, Tensor]:
+    """Fit each expert's temperature T_j (and not-in-group bias b_j) by minimising the negative
+    log-likelihood of its group-view labels ``slots`` (B, G) on held-out padded logits (B, G, W):
+    the experts were trained on a 1:1 in-group / not-in-group view, while the images a mixture
+    sees fall outside a group (N − M_j)/N of the time, so φ is miscalibrated for Eq. 7.
+    Returns (T (G,), b (G,)); b is 0 when ``bias`` is False. Deterministic (L-BFGS, fixed start)."""
+    g = logits.shape[1]
+    log_t = torch.zeros(g, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(g, dtype=torch.float64, requires_grad=bias)
+    z = logits.detach().double()
+    params = [log_t, b] if bias else [log_t]
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def nll() -> Tensor:
+        opt.zero_grad()
+        out = calibrate_logits(z, log_t.exp(), b if bias else None)
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), slots.reshape(-1)) * g
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    return log_t.detach().exp().float(), b.detach().float()
+
+
+def expected_calibration_error(prob: Tensor, outcome: Tensor, bins: int = 15) -> float:
+    """ECE of a binary probability: Σ_b (n_b / n) · |mean prob in bin b − share of outcomes|,
+    equal-width bins on [0, 1]. ``prob`` (n,) in [0, 1], ``outcome`` (n,) bool."""
+    if prob.numel() == 0:
+        return float("nan")
+    p = prob.double().clamp(0, 1)
+    o = outcome.double()
+    which = (p * bins).long().clamp(max=bins - 1)
+    n = torch.bincount(which, minlength=bins).double()
+    ps = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, p)
+    os_ = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, o)
+    return float(((ps - os_).abs()).sum() / p.numel())

@@ -42,6 +42,14 @@ class ExpertsConfig(OptimConfig):
     similarity_per_class: int = 32  # images per class used to estimate S (Eq. 3)
     not_in_group_ratio: float = 1.0  # not-in-group images per in-group image, redrawn each epoch
     cache_trunk: bool = True  # with backbone_kwargs.freeze_trunk: compute the frozen trunk once, cache it
+    # Where an expert starts: 'backbone' (the backbone's own weights: pretrained where backbone_kwargs
+    # says so, else random) or 'flat' (the run's trained flat model: its body and the rows of the
+    # group's classes, the not-in-group row fresh; HD-CNN's initialisation of its fine components).
+    init: str = "backbone"
+    # What one of `epochs` means for an expert: 'epochs' (a pass over its group view: its group plus
+    # an equal not-in-group sample, about 2·M/N of the images) or 'flat_steps' (as many optimiser
+    # steps as the flat model's epoch over every training image: equal steps per trained model).
+    budget: str = "epochs"
 
 
 def expert_features(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +123,21 @@ def evaluate_expert(expert: nn.Module, data: ImageTensors, group: Sequence[int],
     return out
 
 
+def budget_epochs(cfg: ExpertsConfig, view_samples: int, flat_samples: int) -> ExpertsConfig:
+    """``cfg`` with the epochs an expert runs under ``cfg.budget``: as configured ('epochs'), or
+    scaled by flat_samples / view_samples so that it takes the flat model's optimiser steps
+    ('flat_steps'; same batch size). The result is what the expert's checkpoint records."""
+    import dataclasses
+    import math
+
+    if cfg.budget == "epochs" or cfg.epochs == 0:
+        return cfg
+    if cfg.budget != "flat_steps":
+        raise DmdeValueError(f"experts.budget={cfg.budget!r} is not one of epochs, flat_steps")
+    steps = cfg.epochs * math.ceil(flat_samples / cfg.batch_size)
+    return dataclasses.replace(cfg, epochs=max(1, round(steps / math.ceil(max(1, view_samples) / cfg.batch_size))))
+
+
 def expert_path(out_dir: str | os.PathLike, j: int) -> Path:
     return Path(out_dir) / f"expert_{j:03d}.pt"
 
@@ -132,10 +155,14 @@ def train_expert(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     init_similarity: torch.Tensor | None = None,
+    init_from: dict[str, torch.Tensor] | None = None,
+    flat_samples: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip when finished) expert ``j``; returns its last metrics.
 
     Writes ``expert_{j}.pt`` after every epoch and a line per epoch to ``expert_{j}.jsonl``.
+    ``init_from``: a flat model's state dict to start from (``cfg.init == 'flat'``);
+    ``flat_samples``: the images of the flat model's epoch (``cfg.budget == 'flat_steps'``).
     """
     from dmde.group_view import GroupView
     from dmde.multitask import multitask_loss
@@ -146,9 +173,17 @@ def train_expert(
     if path.exists():  # refuse a checkpoint of another ontology or group before building anything
         check_expert_checkpoint(load_checkpoint(path), ontology_hash, group_wnids, where=str(path))
     torch.manual_seed(mix_seed(cfg.seed, j, 0xE))  # initial weights depend on (seed, j) only
-    expert = build_expert(cfg, len(group)).to(device)
+    expert = build_expert(cfg, len(group))
+    if cfg.init == "flat":
+        from dmde.expert import init_from_flat
+
+        if init_from is None:
+            raise DmdeValueError("experts.init=flat needs the trained flat model (baselines stage 'flat')")
+        init_from_flat(expert, init_from, group)
+    expert = expert.to(device)
     ratio = cfg.not_in_group_ratio if cfg.not_in_group else 0.0
     view = GroupView(train.targets.tolist(), list(group), ratio=ratio, seed=mix_seed(cfg.seed, j))
+    cfg = budget_epochs(cfg, len(view.indices), flat_samples if flat_samples is not None else len(train))
     sim: dict[str, torch.Tensor | None] = {"S": None}
     use_s = cfg.multitask and cfg.delta2 > 0
 
@@ -224,6 +259,8 @@ def train_all_experts(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_expert_done: Callable[[int, dict], None] | None = None,
+    init_from: dict[str, torch.Tensor] | None = None,
+    flat_samples: int | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Train every group's expert (or those in ``only``), this rank's share under torchrun."""
     selected = list(range(len(groups))) if only is None else list(only)
@@ -234,7 +271,8 @@ def train_all_experts(
     results = {}
     for j in my_share(selected, rank, world):
         results[j] = train_expert(j, groups[j], groups_wnids[j], train, cfg, out_dir, ontology_hash,
-                                  holdout=holdout, device=device, progress=progress)
+                                  holdout=holdout, device=device, progress=progress, init_from=init_from,
+                                  flat_samples=flat_samples)
         if on_expert_done:
             on_expert_done(j, results[j])
     barrier()

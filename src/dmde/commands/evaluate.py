@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dmde.evaluate import evaluate_run, format_table
+    from dmde.evaluate import evaluate_run, format_accounting, format_table
 
     data, out = None, args.out
     if args.data is not None:
@@ -35,5 +35,11 @@ def run(args: argparse.Namespace) -> int:
         if skipped:
             print(f"note: {skipped} images of classes outside the run's ontology were left out")
     metrics = evaluate_run(args.run, data=data, device=args.device, out_dir=out)
-    print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        print(format_table(metrics))
+        if format_accounting(metrics):
+            print("\nexperts on their own classes (hold-out), beside the flat model restricted to them:")
+            print(format_accounting(metrics))
     return 0

@@ -9,7 +9,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes (WNID, lemma, score) of images",
                        description="Score image files with a trained run's best model (the fine-tuned "
                        "mixture when present) and print the top-k classes of each.")
-    p.add_argument("run", help="run directory made by dmde train")
+    p.add_argument("run", help="run directory made by dmde train, or an export made by dmde export")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--model", default=None, help="mixture, mixture_nway, mixture_upsilon, flat or early_fusion")
@@ -21,7 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dmde.predict import Predictor
 
-    pred = Predictor.from_run(args.run, model=args.model, device=args.device)
+    from dmde.export import is_export, load_export
+
+    if is_export(args.run):
+        if args.model is not None:
+            from dmde.errors import DmdeValueError
+
+            raise DmdeValueError(f"{args.run} is an export of one model: drop --model")
+        pred = load_export(args.run, device=args.device)
+    else:
+        pred = Predictor.from_run(args.run, model=args.model, device=args.device)
     results = pred.predict(args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": im, "model": pred.model_name, "top": [p.to_dict() for p in r]}

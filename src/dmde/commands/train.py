@@ -48,13 +48,16 @@ def load_run_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dmde.evaluate import format_table
+    from dmde.evaluate import format_accounting, format_table
     from dmde.pipeline import train
 
     cfg = load_run_config(args)
     metrics = train(args.out, cfg, until=args.until)
     if metrics:
         print(format_table(metrics))
+        if format_accounting(metrics):
+            print("\nexperts on their own classes (hold-out), beside the flat model restricted to them:")
+            print(format_accounting(metrics))
     return 0
 
 
