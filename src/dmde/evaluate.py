@@ -77,23 +77,70 @@ def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray 
 
 def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, dist: np.ndarray | None,
                     device: torch.device | str = "cpu", progress: bool = False,
-                    keep_scores: Sequence[str] = ()) -> tuple[dict, dict]:
+                    keep_scores: Sequence[str] = (), scores: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
     """Metrics of every model on ``data`` (an :class:`~dmde.training.ImageTensors`), and their
-    per-class accuracies. The score matrices of the models named in ``keep_scores`` are returned
-    under ``metrics["_scores"]``."""
+    per-class accuracies. ``scores`` gives models' score matrices already computed (they are not
+    run again); those of the models named in ``keep_scores`` are returned under ``metrics["_scores"]``."""
     from dmde.training import predict_logits
 
     metrics, per_class, kept = {}, {}, {}
     for name, model in models.items():
-        model.eval()
-        scores = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
-        metrics[name] = score_metrics(scores, data.targets, dist)
-        per_class[name] = per_class_accuracy(scores, data.targets, n_classes)
+        if scores is not None and name in scores:
+            out = scores[name]
+        else:
+            model.eval()
+            out = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
+        metrics[name] = score_metrics(out, data.targets, dist)
+        per_class[name] = per_class_accuracy(out, data.targets, n_classes)
         if name in keep_scores:
-            kept[name] = scores
+            kept[name] = out
     if kept:
         metrics["_scores"] = kept
     return metrics, per_class
+
+
+#: The mixtures of a run (:func:`dmde.pipeline.load_models`), scored through their experts' probabilities.
+MIXTURES = ("mixture_upsilon", "mixture_nway", "mixture")
+
+
+def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device | str = "cpu",
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """Padded expert probabilities P (n, G, Mmax+1) of each mixture of ``models`` on ``data``, one
+    pass of the experts per mixture; mixtures with the same experts and calibration share it."""
+    from dmde.training import predict_logits
+
+    out: dict[str, torch.Tensor] = {}
+    for name in MIXTURES:
+        model = models.get(name)
+        if model is None:
+            continue
+        twin = next((k for k in out if _same_experts(models[k], model)), None)
+        if twin is not None:
+            out[name] = out[twin]
+            continue
+        model.eval()
+        g = len(model.experts)
+        out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device,
+                                   progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
+    return out
+
+
+def _same_experts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(x is y for x, y in zip(a.experts, b.experts)) and torch.equal(a.temperature, b.temperature) \
+        and torch.equal(a.nig_bias, b.nig_bias)
+
+
+@torch.no_grad()
+def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``model(x)`` from its experts' probabilities P: Υ (Eq. 7 or the variant), then the N-way layer
+    in the batches :func:`~dmde.training.predict_logits` uses, so the numbers equal a direct pass."""
+    from dmde.stacking import stack
+
+    u = stack(P, model.layout.to("cpu"), model.stacking, model.eps, model.lam)
+    if model.nway is None:
+        return u
+    dev = model.temperature.device
+    return torch.cat([model.nway(u[s : s + batch_size].to(dev)).float().cpu() for s in range(0, len(u), batch_size)])
 
 
 def restricted_top1(scores: torch.Tensor, targets: torch.Tensor, classes: Sequence[int]) -> float:
@@ -139,46 +186,38 @@ def expert_accounting(P: torch.Tensor, layout, targets: torch.Tensor,
     return rows
 
 
-def mixture_accounting(models: dict[str, torch.nn.Module], data, dist: np.ndarray | None,
-                       flat_scores: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                       progress: bool = False) -> tuple[dict[str, dict], dict[str, Any]]:
-    """The accounting rows of a run's mixtures: ``mixture_oracle`` (the trained experts, Υ from the
-    groups that hold the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion
-    stage's calibration, when there is one) and ``mixture_finetuned_oracle`` (the oracle of the
-    fine-tuned experts); and the per-expert table (:func:`expert_accounting`) of the trained
-    experts, with the φ calibration error after calibration when the run calibrates."""
+def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torch.Tensor], targets: torch.Tensor,
+                       dist: np.ndarray | None, flat_scores: torch.Tensor | None = None) -> tuple[dict[str, dict], dict]:
+    """The accounting rows of a run's mixtures, from their experts' probabilities ``probs``
+    (:func:`mixture_probs`): ``mixture_oracle`` (the trained experts, Υ from the groups that hold
+    the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion stage's
+    calibration, when there is one) and ``mixture_finetuned_oracle`` (the oracle of the fine-tuned
+    experts); and the per-expert table (:func:`expert_accounting`) of the trained experts, with the
+    φ calibration error after calibration when the run calibrates."""
     from dmde.stacking import expected_calibration_error, group_slots, restrict_to_true_groups, stack
-    from dmde.training import predict_logits
 
-    def probs(model: torch.nn.Module, desc: str) -> torch.Tensor:
-        g = len(model.experts)
-        return predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device, progress=progress,
-                              desc=desc).view(len(data), g, -1)
+    base = models.get("mixture_upsilon")
+    if base is None:
+        return {}, {}
+    layout = base.layout.to("cpu")  # the probabilities are on the CPU
+    y = targets
 
     def stacked(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
         return stack(P, layout, model.stacking, model.eps, model.lam)
 
-    y = data.targets
-    rows: dict[str, dict] = {}
-    base = models.get("mixture_upsilon")
-    if base is None:
-        return rows, {}
-    layout = base.layout.to("cpu")  # the scores come back on the CPU
-    P = probs(base, "accounting")
-    rows["mixture_oracle"] = score_metrics(stacked(base, restrict_to_true_groups(P, layout, y)), y, dist)
+    P = probs["mixture_upsilon"]
+    rows = {"mixture_oracle": score_metrics(stacked(base, restrict_to_true_groups(P, layout, y)), y, dist)}
     table = expert_accounting(P, layout, y, flat_scores)
-    nway = models.get("mixture_nway")
-    if nway is not None and not (bool((nway.temperature == 1).all()) and bool((nway.nig_bias == 0).all())):
-        Pc = probs(nway, "accounting (calibrated)")
-        rows["mixture_upsilon_calibrated"] = score_metrics(stacked(nway, Pc), y, dist)
+    Pc = probs.get("mixture_nway")
+    if Pc is not None and Pc is not P:  # the fusion stage calibrated the experts
+        rows["mixture_upsilon_calibrated"] = score_metrics(stacked(models["mixture_nway"], Pc), y, dist)
         slots = group_slots(layout, y)
         for j, row in enumerate(table):
             row["phi_ece_calibrated"] = expected_calibration_error(1.0 - Pc[:, j, -1], slots[:, j] < layout.max_size)
-    tuned = models.get("mixture")
-    if tuned is not None:
-        Pf = probs(tuned, "accounting (fine-tuned)")
-        rows["mixture_finetuned_oracle"] = score_metrics(stacked(tuned, restrict_to_true_groups(Pf, layout, y)),
-                                                         y, dist)
+    Pf = probs.get("mixture")
+    if Pf is not None:
+        rows["mixture_finetuned_oracle"] = score_metrics(
+            stacked(models["mixture"], restrict_to_true_groups(Pf, layout, y)), y, dist)
     return rows, {"experts": table}
 
 
@@ -215,9 +254,12 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
                                 device=device)
         data = splits.align(onto.positions_or(splits.classes)).holdout
     dist = class_distances(onto.classes, cfg.ontology.wordnet)
-    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",))
+    probs = mixture_probs(models, data, device, progress)  # each mixture's experts run once
+    scores = {name: mixture_scores(models[name], P) for name, P in probs.items()}
+    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",),
+                                         scores=scores)
     flat_scores = metrics.pop("_scores", {}).get("flat")
-    rows, accounting = mixture_accounting(models, data, dist, flat_scores, device, progress)
+    rows, accounting = mixture_accounting(models, probs, data.targets, dist, flat_scores)
     metrics.update(rows)
     metrics = {k: metrics[k] for k in sorted(metrics, key=lambda k: ROW_ORDER.index(k) if k in ROW_ORDER else 99)}
     if accounting:

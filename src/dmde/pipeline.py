@@ -465,7 +465,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     splits = prepare_splits(cfg, wn, progress=progress, cache_dir=run.dir, device=device)
     if rank == 0:
         barrier()
-        write_json(run.dir / "data.json", {**data_summary(cfg, splits), "device": str(device)})
+        write_json(run.dir / "data.json", data_summary(cfg, splits, device))
 
     def want(name: str) -> bool:
         return until is None or STAGES.index(name) <= STAGES.index(until)
@@ -592,8 +592,9 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     return read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").exists() else {}
 
 
-def data_summary(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
-    """What prediction needs to know about the inputs: size, normalisation, cached trunk."""
+def data_summary(cfg: RunConfig, splits: Splits, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What prediction needs to know about the inputs (size, normalisation, cached trunk), and the
+    device the run trains on (for an export's model card)."""
     from dmde.train_experts import uses_cached_trunk
 
     if uses_cached_trunk(cfg.experts):
@@ -605,7 +606,7 @@ def data_summary(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
             "trunk": {"backbone": cfg.experts.backbone, "backbone_kwargs": cfg.experts.backbone_kwargs}
             if uses_cached_trunk(cfg.experts) else None,
             "n_train": len(splits.train), "n_fusion": len(splits.fusion), "n_holdout": len(splits.holdout),
-            "skipped_corrupt": splits.skipped}
+            "skipped_corrupt": splits.skipped, "device": str(device)}
 
 
 def load_splits_shape(cfg: RunConfig) -> tuple[int, int]:
