@@ -112,11 +112,10 @@ def is_export(path: str | os.PathLike) -> bool:
     return (Path(path) / "export.json").is_file() and (Path(path) / WEIGHTS).is_file()
 
 
-def build_model(meta: dict[str, Any], cfg: Any, n_classes: int, groups: list[list[int]]) -> nn.Module:
+def build_model(meta: dict[str, Any], cfg: Any, n_classes: int, groups: list[list[int]], path: Path) -> nn.Module:
     """The exported model's architecture (weights uninitialised as trained)."""
     from dmde.config import from_dict
-    from dmde.fusion import Mixture, NWaySoftmax
-    from dmde.pipeline import _flat_model, nway_input
+    from dmde.pipeline import _flat_model, build_mixture
     from dmde.train_experts import ExpertsConfig, build_expert
 
     name = meta["model"]
@@ -130,10 +129,8 @@ def build_model(meta: dict[str, Any], cfg: Any, n_classes: int, groups: list[lis
             from dmde.baselines import EarlyFusion
 
             return EarlyFusion(experts, n_classes)
-        f = cfg.fusion
-        nway = None if name == "mixture_upsilon" or f.nway == "none" else NWaySoftmax(
-            n_classes, kind=f.nway, rank=f.rank, input=nway_input(f))
-        return Mixture(experts, groups, n_classes, stacking=f.stacking, eps=f.eps, lam=f.lam, nway=nway)
+        # the run's own constructor; an export holds no fusion.pt / mixture.pt, so nothing is loaded here
+        return build_mixture(path, cfg, experts, groups, n_classes, "upsilon" if name == "mixture_upsilon" else "fusion")
     if name in ("flat", "flat_wide"):
         cfg.experts.backbone_kwargs = _no_download(cfg.experts.backbone_kwargs)
         return _flat_model(cfg, n_classes, meta.get("width_match"))
@@ -160,7 +157,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
     groups = TaskGroups.from_json(path / "groups.json").groups
     if onto.classes != meta["classes"]:
         raise MismatchError(f"{path}: export.json and ontology.json list different classes")
-    net = build_model(meta, cfg, onto.n_classes, groups)
+    net = build_model(meta, cfg, onto.n_classes, groups, path)
     if meta.get("trunk"):
         t = meta["trunk"]
         trunk = create_backbone(t["backbone"], **_no_download(t["backbone_kwargs"])).trunk
