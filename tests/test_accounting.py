@@ -149,6 +149,8 @@ def test_budget_equal_steps():
 
 
 def test_pipeline_warm_start_ensemble_and_accounting(tmp_path, real_wordnet_dir):
+    """The whole pipeline with the warm start, equal steps, calibration, the product of the experts
+    (its N-way layer on the log score, its fine-tuning) and the ensemble."""
     import json
 
     from test_pipeline import tiny_config
@@ -157,13 +159,13 @@ def test_pipeline_warm_start_ensemble_and_accounting(tmp_path, real_wordnet_dir)
     from dmde.pipeline import train
 
     cfg, _ = tiny_config(tmp_path, experts={"init": "flat", "budget": "flat_steps", "epochs": 2},
-                         fusion={"calibrate": "temperature_bias"},
+                         fusion={"calibrate": "temperature_bias", "stacking": "poe"},
                          baselines={"ensemble": True, "width_matched_flat": False, "early_fusion": False})
     metrics = train(tmp_path / "run", cfg)
     stages = list(json.loads((tmp_path / "run" / "stages.json").read_text()))
     assert stages.index("flat") < stages.index("experts")  # the warm start needs the flat model first
-    for name in ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_nway", "mixture",
-                 "mixture_finetuned_oracle", "flat", "flat_ensemble"):
+    for name in ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_upsilon_eq7",
+                 "mixture_nway", "mixture", "mixture_finetuned_oracle", "flat", "flat_ensemble"):
         assert name in metrics, name
     n_groups = len(json.loads((tmp_path / "run" / "groups.json").read_text())["groups"])
     assert len(list((tmp_path / "run" / "ensemble").glob("flat_*.pt"))) == n_groups - 1
@@ -176,3 +178,23 @@ def test_pipeline_warm_start_ensemble_and_accounting(tmp_path, real_wordnet_dir)
     assert exp0["config"]["epochs"] > 2
     # the oracle is never below argmax Υ: it only removes the wrong groups' votes
     assert metrics["mixture_oracle"]["top1"] >= metrics["mixture_upsilon"]["top1"]
+
+
+def test_accounting_of_a_product_of_experts_run():
+    """A run that stacks with the product of the experts: its oracle rules out the classes outside
+    the true groups (a log score cannot zero a group), and the accounting adds argmax Υ under
+    Eq. 7 on the same experts, paired."""
+    from types import SimpleNamespace
+
+    from dmde.evaluate import mixture_accounting
+
+    layout = _layout()
+    P = torch.tensor([[[0.3, 0.2, 0.5], [0.0, 0.9, 0.1]],  # y = 0: expert 1 (no class 0) is sure of 2
+                      [[0.1, 0.1, 0.8], [0.2, 0.7, 0.1]]])  # y = 2: both experts right
+    y = torch.tensor([0, 2])
+    base = SimpleNamespace(layout=layout, stacking="poe", eps=1e-4, lam=0.5)
+    rows, table = mixture_accounting({"mixture_upsilon": base}, {"mixture_upsilon": P}, y, None)
+    assert stack(P, layout, "poe").argmax(1).tolist() == [2, 2]  # poe: log(0.9/0.1) beats log(0.3/0.5)
+    assert rows["mixture_oracle"]["top1"] == pytest.approx(1.0)  # classes {0, 1} only for image 0
+    assert rows["mixture_upsilon_eq7"]["top1"] == pytest.approx(0.5)  # Eq. 7 also picks 2 for image 0
+    assert "mixture_upsilon_poe" not in rows and len(table["experts"]) == 2

@@ -118,7 +118,7 @@ def test_nway_bad_arguments():
 # ------------------------------------------------------------------------------------- Mixture
 
 
-@pytest.mark.parametrize("variant", ["eq7", "eq7_log", "stack2", "sum"])
+@pytest.mark.parametrize("variant", ["eq7", "eq7_log", "poe", "stack2", "sum"])
 def test_mixture_upsilon_matches_stacking_of_expert_softmaxes(variant):
     mix = make_mixture(UNEQUAL, stacking=variant).eval()
     x = images()

@@ -62,7 +62,7 @@ def finished_run(tmp_path_factory, real_wordnet_dir):
 
 def test_pipeline_trains_every_model(finished_run):
     run, metrics, _ = finished_run
-    assert set(metrics) == {"mixture_oracle", "mixture_upsilon", "mixture_nway", "mixture_finetuned_oracle",
+    assert set(metrics) == {"mixture_oracle", "mixture_upsilon", "mixture_upsilon_poe", "mixture_nway", "mixture_finetuned_oracle",
                             "mixture", "flat", "flat_wide", "early_fusion", "accounting"}
     metrics = dict(metrics)  # the fixture's dict is shared with the other tests
     accounting = metrics.pop("accounting")["experts"]

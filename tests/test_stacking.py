@@ -23,6 +23,9 @@ EXPECTED = {
     "sum": [0.5, 0.4, 0.4],
     # log of Eq. 7
     "eq7_log": [math.log(2.0), math.log(1.3), math.log(0.4)],
+    # product of the experts, log(N − M_j) = log 1 = 0: Υ(0) = log(0.5/0.2);
+    # Υ(1) = log(0.3/0.2) + log(0.1/0.5); Υ(2) = log(0.4/0.5)
+    "poe": [math.log(2.5), math.log(0.3), math.log(0.8)],
 }
 
 
@@ -62,7 +65,7 @@ def test_sum_accepts_experts_without_not_in_group(layout):
         stack(P, layout, "eq7")  # Eq. 7 needs φ
 
 
-@pytest.mark.parametrize("variant", ["eq7", "eq7_log"])
+@pytest.mark.parametrize("variant", ["eq7", "eq7_log", "poe"])
 def test_phi_zero_is_clamped_and_finite(layout, variant):
     probs = [torch.tensor([[0.7, 0.3, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])]  # φ = 0, p = 0
     out = stack(layout.pad_probs(probs), layout, variant, eps=1e-4)
@@ -95,8 +98,9 @@ def test_uncovered_class_and_gradient():
     layout = GroupLayout.from_groups([[0, 1]], 3)  # class 2 in no group
     P = layout.pad_probs([torch.tensor([[0.5, 0.3, 0.2]], requires_grad=True)])
     assert stack(P, layout, "eq7")[0, 2] == 0
-    out = stack(P, layout, "eq7_log")
-    assert torch.isfinite(out).all() and out[0, 2] < out[0, 1]
+    for variant in ("eq7_log", "poe"):
+        out = stack(P, layout, variant)
+        assert torch.isfinite(out).all() and out[0, 2] < out[0, 1]
     out.sum().backward()
 
 
@@ -132,3 +136,32 @@ def test_equal_sizes_padding_is_a_transpose():
     out = torch.randn(3, 4, 3)  # (G, B, M+1)
     torch.testing.assert_close(equal.pad(list(out.unbind(0))), out.transpose(0, 1))
     assert equal.to("cpu").equal_sizes
+
+
+def test_poe_is_the_product_of_the_experts_full_distributions():
+    """Υ_poe equals, up to one constant per image, Σ_j log q_j(i) with q_j the expert's
+    distribution over all N classes: p_j on its group, φ_j/(N − M_j) on every other class."""
+    g = torch.Generator().manual_seed(0)
+    groups, n = [[0, 3, 5], [1, 2], [2, 4, 5, 6]], 7
+    layout = GroupLayout.from_groups(groups, n)
+    probs = [torch.softmax(torch.randn(4, len(grp) + 1, generator=g), -1) for grp in groups]
+    out = stack(layout.pad_probs(probs), layout, "poe")
+    full = torch.zeros(4, n)
+    for grp, p in zip(groups, probs):
+        q = (p[:, -1:] / (n - len(grp))).expand(4, n).clone()
+        q[:, grp] = p[:, :-1]
+        full += q.log()
+    diff = out - full
+    torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), rtol=0, atol=1e-5)
+
+
+def test_poe_does_not_let_one_sure_expert_win():
+    """The failure of Eq. 7 the accounting measured: expert 0, wrong and sure of its group
+    (φ = 0.01), outvotes expert 1 (φ = 0.1). Expert 2 holds expert 0's class too and says "not
+    mine"; expert 3 holds the true class and agrees. The product hears all four."""
+    layout = GroupLayout.from_groups([[0, 1], [2, 3], [0, 4], [2, 5]], 6)
+    probs = [torch.tensor([[0.9, 0.09, 0.01]]), torch.tensor([[0.85, 0.05, 0.1]]),
+             torch.tensor([[0.01, 0.09, 0.9]]), torch.tensor([[0.5, 0.1, 0.4]])]
+    P = layout.pad_probs(probs)
+    assert int(stack(P, layout, "eq7").argmax()) == 0  # 0.9·99 = 89 against 0.85·9 + 0.5·1.5
+    assert int(stack(P, layout, "poe").argmax()) == 2

@@ -191,10 +191,11 @@ def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torc
     """The accounting rows of a run's mixtures, from their experts' probabilities ``probs``
     (:func:`mixture_probs`): ``mixture_oracle`` (the trained experts, Υ from the groups that hold
     the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion stage's
-    calibration, when there is one) and ``mixture_finetuned_oracle`` (the oracle of the fine-tuned
-    experts); and the per-expert table (:func:`expert_accounting`) of the trained experts, with the
+    calibration, when there is one), ``mixture_upsilon_eq7`` / ``mixture_upsilon_poe`` (argmax of
+    the stacking the run did not use, on the same calibrated experts) and
+    ``mixture_finetuned_oracle`` (the oracle of the fine-tuned experts); and the per-expert table (:func:`expert_accounting`) of the trained experts, with the
     φ calibration error after calibration when the run calibrates."""
-    from dmde.stacking import expected_calibration_error, group_slots, restrict_to_true_groups, stack
+    from dmde.stacking import LOG_VARIANTS, expected_calibration_error, group_slots, restrict_to_true_groups, stack
 
     base = models.get("mixture_upsilon")
     if base is None:
@@ -202,14 +203,28 @@ def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torc
     layout = base.layout.to("cpu")  # the probabilities are on the CPU
     y = targets
 
-    def stacked(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
-        return stack(P, layout, model.stacking, model.eps, model.lam)
+    def stacked(model: torch.nn.Module, P: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        return stack(P, layout, variant or model.stacking, model.eps, model.lam)
+
+    def oracle(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
+        if model.stacking not in LOG_VARIANTS:  # Eq. 7 and kin: only the true groups' terms
+            return stacked(model, restrict_to_true_groups(P, layout, y))
+        # A log score gives −69 to every class of a zeroed group (even one a true group holds):
+        # keep the full score and rule out the classes outside the true groups instead.
+        holds = (layout.class_index.unsqueeze(0) == y.view(-1, 1, 1)).any(-1)  # (B, G)
+        member = torch.zeros(layout.n_groups, layout.n_classes, dtype=torch.bool)
+        member[torch.arange(layout.n_groups).repeat_interleave(layout.sizes), layout.flat_class] = True
+        allowed = (holds.float() @ member.float()) > 0  # (B, N)
+        return stacked(model, P).masked_fill(~allowed, float("-inf"))
 
     P = probs["mixture_upsilon"]
-    rows = {"mixture_oracle": score_metrics(stacked(base, restrict_to_true_groups(P, layout, y)), y, dist)}
+    rows = {"mixture_oracle": score_metrics(oracle(base, P), y, dist)}
+    Pc = probs.get("mixture_nway", P)
+    for variant in ("eq7", "poe"):  # the other stacking on the same (calibrated) experts: paired
+        if variant != base.stacking and P.shape[-1] == layout.max_size + 1:
+            rows[f"mixture_upsilon_{variant}"] = score_metrics(stacked(base, Pc, variant), y, dist)
     table = expert_accounting(P, layout, y, flat_scores)
-    Pc = probs.get("mixture_nway")
-    if Pc is not None and Pc is not P:  # the fusion stage calibrated the experts
+    if Pc is not P:  # the fusion stage calibrated the experts
         rows["mixture_upsilon_calibrated"] = score_metrics(stacked(models["mixture_nway"], Pc), y, dist)
         slots = group_slots(layout, y)
         for j, row in enumerate(table):
@@ -217,12 +232,13 @@ def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torc
     Pf = probs.get("mixture")
     if Pf is not None:
         rows["mixture_finetuned_oracle"] = score_metrics(
-            stacked(models["mixture"], restrict_to_true_groups(Pf, layout, y)), y, dist)
+            oracle(models["mixture"], Pf), y, dist)
     return rows, {"experts": table}
 
 
 #: The order of the rows in metrics.json and the printed table: the accounting reads top down.
-ROW_ORDER = ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_nway",
+ROW_ORDER = ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_upsilon_eq7",
+             "mixture_upsilon_poe", "mixture_nway",
              "mixture_finetuned_oracle", "mixture", "flat", "flat_ensemble", "flat_wide", "early_fusion")
 
 

@@ -446,8 +446,10 @@ def write_report(suite: Suite, out: str | os.PathLike, regimes: Sequence[str] = 
 
 #: The accounting's rows, top down: what each stage of the mixture keeps of what the experts know.
 ACCOUNTING_ROWS = (("mixture_oracle", "oracle: Υ from the groups holding the true class (a perfect gate)"),
-                   ("mixture_upsilon", "argmax Υ (Eq. 7)"),
+                   ("mixture_upsilon", "argmax Υ (the run's stacking)"),
                    ("mixture_upsilon_calibrated", "argmax Υ after calibrating each expert"),
+                   ("mixture_upsilon_eq7", "argmax Υ, Eq. 7 on the calibrated experts"),
+                   ("mixture_upsilon_poe", "argmax Υ, product of the experts on the calibrated experts"),
                    ("mixture_nway", "N-way softmax (Eq. 10)"),
                    ("mixture_finetuned_oracle", "oracle of the fine-tuned experts"),
                    ("mixture", "fine-tuned end to end (Eq. 11)"),

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from dmde.batched import StackCache, WideBackbones, training_norms, updated_buffers, wide_support
 from dmde.errors import DmdeValueError, MismatchError
-from dmde.stacking import DEFAULT_EPS, VARIANTS, GroupLayout, calibrate_logits, stack
+from dmde.multitask import DELTA1, DELTA2, multitask_penalty
+from dmde.stacking import DEFAULT_EPS, LOG_VARIANTS, VARIANTS, GroupLayout, calibrate_logits, stack
 
 NWAY_KINDS = ("dense", "lowrank")
 NWAY_INPUTS = ("upsilon", "log")
@@ -172,8 +173,8 @@ class Mixture(nn.Module):
             raise DmdeValueError(f"unknown stacking variant {stacking!r}; known: {', '.join(VARIANTS)}")
         if nway is not None and nway.n_classes != n_classes:
             raise MismatchError(f"N-way layer has {nway.n_classes} classes, mixture {n_classes}")
-        if nway is not None and nway.input == "log" and stacking == "eq7_log":
-            raise DmdeValueError("stacking 'eq7_log' is already a log score: use input='upsilon'")
+        if nway is not None and nway.input == "log" and stacking in LOG_VARIANTS:
+            raise DmdeValueError(f"stacking {stacking!r} is already a log score: use input='upsilon'")
         self.experts = nn.ModuleList(experts)
         self.layout = GroupLayout.from_groups(groups, n_classes)
         for name in ("class_index", "flat_slot", "flat_class", "pad_dest", "pad_dest_nig", "sizes"):
@@ -349,19 +350,13 @@ class Mixture(nn.Module):
         return u if self.nway is None else self.nway(u)
 
 
-def _laplacian_trace(W: Tensor, S: Tensor) -> Tensor:
-    from dmde import multitask
-
-    return multitask.laplacian_trace(W, S)
-
-
 def mixture_loss(
     mixture: Mixture,
     x: Tensor,
     y: Tensor,
     expert_terms: bool = True,
-    delta1: float = 1e-4,
-    delta2: float = 1e-3,
+    delta1: float = DELTA1,
+    delta2: float = DELTA2,
     similarities: Sequence[Tensor | None] | None = None,
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -375,7 +370,7 @@ def mixture_loss(
     """
     out = mixture(x)
     if mixture.nway is None:  # Υ is a score, not logits: use its log (finite for every variant)
-        out = out if mixture.stacking == "eq7_log" else torch.log(out + 1e-12)
+        out = out if mixture.stacking in LOG_VARIANTS else torch.log(out + 1e-12)
     ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     parts: dict[str, Any] = {"ce": float(ce.detach())}
     loss = ce
@@ -391,11 +386,9 @@ def mixture_loss(
             W = getattr(head, "class_weights", None)
             if W is None or not getattr(head, "multitask", True):
                 continue  # plain linear head: the "w/o multi-task" ablation has δ1 = δ2 = 0
-            norm = norm + W.pow(2).sum()
             S = None if similarities is None else similarities[j]
-            if S is not None and delta2 > 0:
-                trace = trace + _laplacian_trace(W, S)
-        loss = loss + delta1 * norm + 0.5 * delta2 * trace
+            penalty, n_j, t_j = multitask_penalty(W, S, delta1, delta2)
+            loss, norm, trace = loss + penalty, norm + n_j, trace + t_j
         parts.update(weight_norm=float(norm.detach()), laplacian_trace=float(trace.detach()))
     parts["loss"] = float(loss.detach())
     return loss, parts

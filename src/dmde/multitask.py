@@ -24,7 +24,7 @@ from torch import nn
 
 from dmde.errors import DmdeValueError
 
-__all__ = ["laplacian", "laplacian_trace", "multitask_loss", "MultiTaskHead", "MU", "DELTA1", "DELTA2"]
+__all__ = ["laplacian", "laplacian_trace", "multitask_penalty", "multitask_loss", "MultiTaskHead", "MU", "DELTA1", "DELTA2"]
 
 MU = 1.0  # weight of the cross-entropy
 DELTA1 = 1e-4  # weight of Σ_k ‖W_k‖² (Eq. 4)
@@ -53,6 +53,21 @@ def laplacian_trace(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return (W * (L @ W)).sum()
 
 
+def multitask_penalty(
+    class_weights: torch.Tensor,
+    S: torch.Tensor | None = None,
+    delta1: float = DELTA1,
+    delta2: float = DELTA2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The regularisers of Eq. 6: δ1·Σ_k ‖W_k‖² + (δ2/2)·Tr(W L Wᵀ), for class weights (M, d) and
+    S (M, M) or None (no Laplacian term). Returns (penalty, Σ_k ‖W_k‖², Tr(W L Wᵀ)): the parts
+    unweighted, zero where their δ is 0. Used by the expert loss and by end-to-end fine-tuning."""
+    zero = class_weights.new_zeros(())
+    norm = class_weights.pow(2).sum() if delta1 else zero
+    lap = laplacian_trace(class_weights, S) if (S is not None and delta2) else zero
+    return delta1 * norm + 0.5 * delta2 * lap, norm, lap
+
+
 def multitask_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -72,10 +87,8 @@ def multitask_loss(
     ``{"ce", "norm", "laplacian"}`` (unweighted).
     """
     ce = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-    zero = ce.new_zeros(())
-    norm = class_weights.pow(2).sum() if delta1 else zero
-    lap = laplacian_trace(class_weights, S) if (S is not None and delta2) else zero
-    total = mu * ce + delta1 * norm + 0.5 * delta2 * lap
+    penalty, norm, lap = multitask_penalty(class_weights, S, delta1, delta2)
+    total = mu * ce + penalty
     if return_parts:
         return total, {"ce": ce.detach(), "norm": norm.detach(), "laplacian": lap.detach()}
     return total

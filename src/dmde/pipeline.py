@@ -34,6 +34,7 @@ from torch import nn
 from dmde.config import config_hash, from_dict, save_config, to_dict
 from dmde.errors import DmdeFileError, DmdeValueError, MismatchError
 from dmde.io import read_json, write_json
+from dmde.stacking import LOG_VARIANTS, VARIANTS
 from dmde.train_experts import ExpertsConfig
 from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits
 
@@ -78,7 +79,7 @@ class GroupsConfig:
 class FusionConfig:
     """Stacking (Eq. 7 and variants), the N-way layer (Eq. 10) and fine-tuning (Eq. 11)."""
 
-    stacking: str = "eq7"  # eq7 | eq7_log | stack2 | sum
+    stacking: str = "eq7"  # eq7 | eq7_log | poe (product of the experts) | stack2 | sum
     eps: float = 1e-4  # φ is clamped to [eps, 1]
     lam: float = 0.5  # λ of Stack 2 (Eq. 12)
     nway: str = "lowrank"  # dense | lowrank (diagonal + rank-r, linear in N) | none
@@ -147,7 +148,7 @@ def validate(cfg: RunConfig) -> None:
         "data.dataset": (cfg.data.dataset, ("fashion_mnist", "tiny_imagenet", "imagefolder", "synthetic")),
         "data.on_corrupt": (cfg.data.on_corrupt, ("raise", "skip")),
         "groups.assignment": (cfg.groups.assignment, ("semantic", "random", "visual")),
-        "fusion.stacking": (cfg.fusion.stacking, ("eq7", "eq7_log", "stack2", "sum")),
+        "fusion.stacking": (cfg.fusion.stacking, VARIANTS),
         "fusion.nway": (cfg.fusion.nway, ("dense", "lowrank", "none")),
         "fusion.input": (cfg.fusion.input, ("log", "upsilon")),
         "fusion.calibrate": (cfg.fusion.calibrate, ("none", "temperature", "temperature_bias")),
@@ -727,7 +728,7 @@ def build_mixture(run_dir: Path, cfg: RunConfig, experts: Sequence[nn.Module], g
 
 def nway_input(f: FusionConfig) -> str:
     """The log-odds variant already yields log Υ: the N-way layer takes it as it is."""
-    return "upsilon" if f.stacking == "eq7_log" else f.input
+    return "upsilon" if f.stacking in LOG_VARIANTS else f.input
 
 
 def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]], n: int,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from dmde.errors import DmdeFileError, DmdeValueError
+from dmde.stacking import LOG_VARIANTS
 from dmde.training import as_model_input
 
 PREFERENCE = ("mixture", "mixture_nway", "mixture_upsilon", "flat", "early_fusion")
@@ -74,7 +75,7 @@ class Predictor:
             net = torch.nn.Sequential(trunk_module(from_dict(ExpertsConfig, info["trunk"])), net).to(device).eval()
         return cls(net, onto.classes, onto.lemmas, tuple(info["image_size"]),
                    info.get("mean", defaults.mean), info.get("std", defaults.std), name,
-                   scores_are_probabilities=name == "mixture_upsilon" and cfg.fusion.stacking != "eq7_log",
+                   scores_are_probabilities=name == "mixture_upsilon" and cfg.fusion.stacking not in LOG_VARIANTS,
                    device=device)
 
     def _load(self, image: Any) -> torch.Tensor:

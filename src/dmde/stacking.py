@@ -21,6 +21,13 @@ Variants (all return Υ of shape (B, N); a class in no group gets 0, or the floo
             to [ε, 1 − ε]: the log of Eq. 7, computed with a scattered log-sum-exp. It is bounded
             (|ℓ_j| ≤ log((1 − ε)/ε)) and finite for any φ, so it suits a linear layer on top; unlike
             Eq. 7 it keeps the ranking inside a group whose φ_j = 1 (Eq. 7 zeroes the whole group).
+``poe``     Υ(i) = Σ_{j ∋ i} [log p_j(i) − log φ_j + log(N − M_j)]: the log of the product of the
+            experts' distributions over all N classes, each expert's not-in-group mass φ_j spread
+            evenly over the N − M_j classes outside its group (log-linear pooling; up to a constant
+            per image). A class is scored by *every* expert: the experts that hold it by their
+            in-group odds, the others by "it is in my group, not yours". Eq. 7 adds the odds of
+            the groups that hold a class, so one wrong expert that is sure of its group wins
+            (docs/METHOD.md, "The gate"). Like ``eq7_log`` it is a log score.
 ``stack2``  Υ(i) = Σ_j λ · Λ'_j(c_i) · PS(i, j) · φ_j  (Eqs. 12–13, "Stack 2", as printed).
 ``sum``     Υ(i) = Σ_{j ∋ i} p_j(i): the in-group probabilities only ("w/o not-in-group").
 """
@@ -36,7 +43,9 @@ from torch import Tensor
 
 from dmde.errors import DmdeValueError, MismatchError
 
-VARIANTS = ("eq7", "eq7_log", "stack2", "sum")
+VARIANTS = ("eq7", "eq7_log", "poe", "stack2", "sum")
+#: Variants whose Υ is already a log score (fed to the N-way layer and the loss as it is).
+LOG_VARIANTS = ("eq7_log", "poe")
 
 #: Default clamp of φ for the odds (1 − φ)/φ: the odds never exceed (1 − ε)/ε ≈ 10⁴.
 DEFAULT_EPS = 1e-4
@@ -242,6 +251,22 @@ def stack_eq7_log(P: Tensor, layout: GroupLayout, eps: float = DEFAULT_EPS) -> T
     return torch.where(covered.unsqueeze(0), out, out.new_full((), floor))
 
 
+def stack_poe(P: Tensor, layout: GroupLayout) -> Tensor:
+    """Product of the experts' N-class distributions, in log space (docs/METHOD.md, "The gate"):
+    Υ(i) = Σ_{j ∋ i} [log p_j(i) − log φ_j + log(N − M_j)]. Expert j read as a distribution over
+    all N classes gives p_j(i) to its own classes and φ_j/(N − M_j) to each other class; the sum
+    over all j of those logs is Υ plus Σ_j log(φ_j/(N − M_j)), the same for every class. p and φ
+    are floored at 1e-30; a class in no group gets the floor log(1e-30) − log N. → (B, N)."""
+    p_in, phi = _split(P, layout, need_phi=True)
+    rest = torch.log((layout.n_classes - layout.sizes).clamp(min=1).to(P.dtype))  # (G,) log(N − M_j)
+    term = torch.log(p_in.clamp(min=LOG_P_FLOOR)) - torch.log(phi.clamp(min=LOG_P_FLOOR)).unsqueeze(-1) \
+        + rest.view(1, -1, 1)  # (B, G, Mmax)
+    out = _scatter_sum(term, layout)
+    floor = math.log(LOG_P_FLOOR) - math.log(layout.n_classes)
+    covered = layout.coverage() > 0
+    return torch.where(covered.unsqueeze(0), out, out.new_full((), floor))
+
+
 def stack_stack2(P: Tensor, layout: GroupLayout, lam: float = 0.5) -> Tensor:
     """Eq. 12 ("Stack 2") as printed: Υ(i) = Σ_j λ · Λ'_j(c_i) · PS(i, j) · φ_j. → (B, N)."""
     p_in, phi = _split(P, layout, need_phi=True)
@@ -266,6 +291,8 @@ def stack(
         return stack_eq7(P, layout, eps)
     if variant == "eq7_log":
         return stack_eq7_log(P, layout, eps)
+    if variant == "poe":
+        return stack_poe(P, layout)
     if variant == "stack2":
         return stack_stack2(P, layout, lam)
     if variant == "sum":

@@ -23,6 +23,7 @@ from torch import nn
 from dmde.checkpoint import check_expert_checkpoint, load_checkpoint
 from dmde.config import from_dict, to_dict
 from dmde.errors import DmdeValueError
+from dmde.multitask import DELTA1, DELTA2, MU, multitask_loss
 from dmde.distributed import barrier, dist_context, my_share
 from dmde.training import ImageTensors, OptimConfig, fit, mix_seed, predict_logits
 
@@ -35,9 +36,9 @@ class ExpertsConfig(OptimConfig):
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     multitask: bool = True  # False: plain linear head and delta1 = delta2 = 0 (ablation)
     not_in_group: bool = True  # False: M_j outputs only (ablation "w/o not-in-group")
-    mu: float = 1.0  # weight of the cross-entropy (Eq. 6)
-    delta1: float = 1e-4  # weight of sum_k ||W_k||^2
-    delta2: float = 1e-3  # weight of Tr(W L W^T)
+    mu: float = MU  # weight of the cross-entropy (Eq. 6)
+    delta1: float = DELTA1  # weight of sum_k ||W_k||^2 (Eq. 4)
+    delta2: float = DELTA2  # weight of Tr(W L W^T) (Eq. 5)
     similarity_every: int = 1  # recompute S from the expert's own features every k epochs (0: never)
     similarity_per_class: int = 32  # images per class used to estimate S (Eq. 3)
     not_in_group_ratio: float = 1.0  # not-in-group images per in-group image, redrawn each epoch
@@ -165,7 +166,6 @@ def train_expert(
     ``flat_samples``: the images of the flat model's epoch (``cfg.budget == 'flat_steps'``).
     """
     from dmde.group_view import GroupView
-    from dmde.multitask import multitask_loss
 
     if len(group) < 1:
         raise DmdeValueError(f"task group {j} is empty")
