@@ -9,7 +9,7 @@ the 200 WNIDs (§III); task groups of M = 50 classes overlapping by λ = 0.5 (§
 every class in two.
 
 1. **Throughput** (images/s, one epoch of one expert, median over interleaved trials): dmde's path
-   (:func:`dmde.train_experts.train_expert` → :func:`dmde.training.fit`, fresh run directory every
+   (:func:`dmde.experts.train.train_expert` → :func:`dmde.core.training.fit`, fresh run directory every
    trial, so the wall time includes building the model, the group view and the checkpoint)
    against a plain PyTorch loop over the same backbone, the same images (the group view's epoch-0
    sample), batch size and optimiser: manual index batches into a pre-normalised float tensor,
@@ -83,7 +83,7 @@ def repo_root() -> Path:
 
 
 def data_config(zip_path: Path, cache_dir: Path):
-    from dmde.pipeline import DataConfig
+    from dmde.run.config import DataConfig
 
     return DataConfig(dataset="tiny_imagenet", root=str(zip_path), holdout_per_class=HOLDOUT_PER_CLASS,
                       fusion_per_class=FUSION_PER_CLASS, max_per_class=TRAIN_PER_CLASS,
@@ -92,11 +92,12 @@ def data_config(zip_path: Path, cache_dir: Path):
 
 def load_everything(args: argparse.Namespace, need_lite0: bool):
     """(ontology, groups, 64-px image splits, cached-trunk splits or None), all aligned to the ontology."""
-    from dmde.groups import make_groups
-    from dmde.ontology import build_semantic_ontology
-    from dmde.pipeline import RunConfig, load_splits, prepare_splits
-    from dmde.train_experts import ExpertsConfig
-    from dmde.wordnet import WordNet
+    from dmde.experts.train import ExpertsConfig
+    from dmde.hierarchy.groups import make_groups
+    from dmde.hierarchy.ontology import build_semantic_ontology
+    from dmde.hierarchy.wordnet import WordNet
+    from dmde.run.config import RunConfig
+    from dmde.run.prepare import load_splits, prepare_splits
 
     zip_path = Path(args.shared) / "data" / "tiny-imagenet-200" / "train.zip"
     if not zip_path.is_file():
@@ -136,8 +137,8 @@ def per_class_subset(data, k: int, seed: int = 0):
 
 
 def resize_images(data, size: int):
-    from dmde.training import ImageTensors
-    from dmde.transforms import resize
+    from dmde.core.training import ImageTensors
+    from dmde.core.transforms import resize
 
     out = torch.cat([resize(data.inputs[s : s + 4096], size) for s in range(0, len(data), 4096)])
     return ImageTensors(out, data.targets, data.kind, data.mean, data.std)
@@ -148,7 +149,7 @@ def resize_images(data, size: int):
 
 def plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, seed: int) -> float:
     """One epoch of the textbook loop (shuffled index batches, CE, the same optimiser); its seconds."""
-    from dmde.training import make_optimizer
+    from dmde.core.training import make_optimizer
 
     opt = make_optimizer(cfg, model.parameters())
     model.train()
@@ -165,9 +166,9 @@ def plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, seed: in
 
 def throughput(regime: str, data, onto, groups, args: argparse.Namespace) -> dict:
     """Images/s of each variant over interleaved trials (one epoch each): the whole call and the loop."""
-    from dmde.group_view import GroupView
-    from dmde.train_experts import ExpertsConfig, build_expert, train_expert
-    from dmde.training import mix_seed, prepare_inputs
+    from dmde.core.training import mix_seed, prepare_inputs
+    from dmde.data.group_view import GroupView
+    from dmde.experts.train import ExpertsConfig, build_expert, train_expert
 
     j = THROUGHPUT_GROUP
     group, wnids = groups.groups[j], groups.wnids[j]
@@ -247,7 +248,13 @@ def print_throughput(label: str, res: dict, args: argparse.Namespace) -> None:
 
 
 def accuracy(feats, onto, groups, args: argparse.Namespace) -> list[dict]:
-    from dmde.train_experts import ExpertsConfig, evaluate_expert, expert_path, load_expert, train_expert
+    from dmde.experts.train import (
+        ExpertsConfig,
+        evaluate_expert,
+        expert_path,
+        load_expert,
+        train_expert,
+    )
 
     rows = []
     for j in args.groups:

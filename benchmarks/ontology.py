@@ -3,8 +3,8 @@
 For the three WNID lists in ``<shared>/data/imagenet-wnids/`` (ImageNet-1K: 1,000 classes; the
 MIIL ImageNet-21K-P "winter 21" list: 10,450; full ImageNet-21K: 21,841) it measures
 
-* Ψ alone (``dmde.semantic.semantic_relationship``) and the whole build (Ψ + non-atomic check +
-  spectral clustering + order + names: ``dmde.ontology.build_semantic_ontology``): wall time and
+* Ψ alone (``dmde.hierarchy.semantic.semantic_relationship``) and the whole build (Ψ + non-atomic check +
+  spectral clustering + order + names: ``dmde.hierarchy.ontology.build_semantic_ontology``): wall time and
   peak resident memory, each in a fresh subprocess so peaks never mix (``ru_maxrss``);
 * agreement of ψ with NLTK's ``lch_similarity`` on ``--pairs`` random pairs per list (must be
   exact to 1e-6, after the clamp at 0 that Eq. 1 adds);
@@ -58,8 +58,8 @@ def child(mode: str, wnid_file: str, wordnet: str | None, pairs: int) -> dict:
     """One measurement in this (fresh) process: ``psi`` or ``build``."""
     import numpy as np
 
-    from dmde.semantic import read_wnid_list, semantic_relationship
-    from dmde.wordnet import WordNet
+    from dmde.hierarchy.semantic import read_wnid_list, semantic_relationship
+    from dmde.hierarchy.wordnet import WordNet
 
     t0 = time.perf_counter()
     wn = WordNet.load(wordnet)
@@ -75,7 +75,7 @@ def child(mode: str, wnid_file: str, wordnet: str | None, pairs: int) -> dict:
         b = (a + rng.integers(1, len(wnids), size=pairs)) % len(wnids)  # b ≠ a
         out["pairs"] = [[wnids[i], wnids[j], float(psi[i, j])] for i, j in zip(a, b)]
     else:
-        from dmde.ontology import build_semantic_ontology
+        from dmde.hierarchy.ontology import build_semantic_ontology
 
         t0 = time.perf_counter()
         onto = build_semantic_ontology(wn, wnids, random_state=0)
@@ -97,7 +97,7 @@ def run_child(mode: str, wnid_file: Path, args: argparse.Namespace) -> dict:
 
 def nltk_check(wn_root: Path, pairs: list[list], workdir: str, reader_box: dict) -> dict:
     """ψ against NLTK's lch_similarity on the given pairs; NLTK's time per pair."""
-    from dmde.wordnet import nltk_reader
+    from dmde.hierarchy.wordnet import nltk_reader
 
     if "r" not in reader_box:
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child[0], args.child[1], args.wordnet, args.pairs)))
         return 0
 
-    from dmde.wordnet import find_wordnet
+    from dmde.hierarchy.wordnet import find_wordnet
 
     wn_root = find_wordnet(args.wordnet)
     load = os.getloadavg()

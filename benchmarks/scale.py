@@ -6,7 +6,7 @@ training step = softmax → Υ (Eq. 7, clamped odds) → N-way layer on log Υ �
 backward → Adam step. Configurations (groups are SPEC §3's circular windows, M = 1,000, λ = 0.5):
 
 * N = 7,756 (ImageNet-10K atomic classes): 16 experts;
-* N = 21,841 (ImageNet-21K): 44 experts (both from :func:`dmde.groups.circular_groups`);
+* N = 21,841 (ImageNet-21K): 44 experts (both from :func:`dmde.hierarchy.groups.circular_groups`);
 
 each with the dense N×N layer and the diagonal + low-rank one. Every configuration runs in a
 fresh subprocess; peak memory is that process's ``ru_maxrss`` minus its value right after
@@ -57,9 +57,9 @@ def worker(n: int, kind: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     base_gb = _rss_gb()
-    from dmde.fusion import NWaySoftmax
-    from dmde.groups import circular_groups
-    from dmde.stacking import GroupLayout, stack
+    from dmde.fusion.mixture import NWaySoftmax
+    from dmde.fusion.stacking import GroupLayout, stack
+    from dmde.hierarchy.groups import circular_groups
 
     groups = circular_groups(n, args.group_size, args.overlap)
     layout = GroupLayout.from_groups(groups, n)
@@ -114,7 +114,7 @@ def main() -> None:
     if args.only:
         n, kind = args.only.split(":")
         configs = [(int(n), kind)]
-    from dmde.groups import circular_groups
+    from dmde.hierarchy.groups import circular_groups
 
     rows = []
     for n, kind in configs:

@@ -1,7 +1,7 @@
 """Throughput and peak memory of the mixture against its experts, one expert and the flat model
 (issue #6 items 1–2): inference and training images/s, measured side by side in one process.
 
-Settings (groups are SPEC §3's circular windows from :func:`dmde.groups.circular_groups`):
+Settings (groups are SPEC §3's circular windows from :func:`dmde.hierarchy.groups.circular_groups`):
 
 * ``demo``: N = 10, M = 4, λ = 0.5 → 5 small_cnn experts (width ``WIDTH``), 28 px (``dmde demo``);
 * ``tiny``: N = 200, M = 50, λ = 0.5 → 8 small_cnn experts, 32 px (the from-scratch regime);
@@ -9,13 +9,13 @@ Settings (groups are SPEC §3's circular windows from :func:`dmde.groups.circula
   (192 × 2 × 2, a 64 px image): the last stage + head conv per expert (the pretrained regime).
 
 Inference (``torch.no_grad``, eval mode), at batch 1, 32 and 256, images/s of: the mixture with
-its experts run as one wide network (``batched='wide'``, :mod:`dmde.batched`), in one vmap pass
+its experts run as one wide network (``batched='wide'``, :mod:`dmde.fusion.batched`), in one vmap pass
 (``'vmap'``) and in a loop (``False``); the experts alone (a loop of ``expert(x)``: the sum of
 their own compute, the reference of the overhead target); one expert; the flat model (same
 backbone + Linear(d, N)). For small_cnn the loop and the wide mixture also run on channels-last
 tensors. Overhead = time(mixture) / time(experts alone) − 1: padding, N-way softmax input,
 stacking (Eq. 7), N-way layer, joining weights. "GFLOP/s" = 2 × the experts' multiply-adds per
-image (``dmde.baselines.count_flops``) × images/s; the machine's reference is a 1024³ float32
+image (``dmde.baselines.models.count_flops``) × images/s; the machine's reference is a 1024³ float32
 matrix product on the same threads.
 
 Training (train mode, SGD, no augmentation for either side), images/s of: the expert stage through
@@ -100,11 +100,11 @@ def build(setting: str, seed: int = 0):
 
     import torch
 
-    from dmde.backbones import create_backbone
-    from dmde.baselines import FlatClassifier
-    from dmde.expert import Expert
-    from dmde.fusion import Mixture, NWaySoftmax
-    from dmde.groups import circular_groups
+    from dmde.baselines.models import FlatClassifier
+    from dmde.experts.backbones import create_backbone
+    from dmde.experts.expert import Expert
+    from dmde.fusion.mixture import Mixture, NWaySoftmax
+    from dmde.hierarchy.groups import circular_groups
 
     s = SETTINGS[setting]
     groups = [[int(c) for c in g] for g in circular_groups(s["n_classes"], s["group_size"], s["overlap"])]
@@ -174,7 +174,7 @@ def normalised(images, idx):
 
 
 def multitask_loss_fn(S):
-    from dmde.multitask import multitask_loss
+    from dmde.experts.multitask import multitask_loss
 
     def loss_fn(model, x, y):
         logits = model(x)
@@ -184,7 +184,7 @@ def multitask_loss_fn(S):
 
 
 def e2e_loss_fn(model, x, y):
-    from dmde.fusion import mixture_loss
+    from dmde.fusion.mixture import mixture_loss
 
     return mixture_loss(model, x, y)[0], None
 
@@ -207,7 +207,7 @@ def plain_loop(model, loss_fn, images, targets, batch: int) -> None:
 
 
 def dmde_fit(model, loss_fn, images, targets, batch: int, tmp: Path, epoch_samples=None) -> None:
-    from dmde.training import ImageTensors, OptimConfig, fit
+    from dmde.core.training import ImageTensors, OptimConfig, fit
 
     ckpt = tmp / "bench.pt"
     for p in (ckpt, ckpt.with_suffix(".jsonl")):
@@ -294,7 +294,7 @@ def run_timings(setting: str, trials: int) -> dict:
 
 def gflop_per_image(models: dict) -> float:
     """2 × multiply-adds of all experts' forward passes for one input (GFLOP)."""
-    from dmde.baselines import count_flops
+    from dmde.baselines.models import count_flops
 
     shape = models["_input_shape"]
     return 2e-9 * sum(count_flops(e, shape) for e in models["mixture loop"].experts)

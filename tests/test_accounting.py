@@ -8,13 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from dmde.backbones import create_backbone
-from dmde.baselines import FlatClassifier, FlatEnsemble
-from dmde.evaluate import expert_accounting, restricted_top1
-from dmde.expert import Expert, init_from_flat
-from dmde.stacking import (GroupLayout, calibrate_logits, expected_calibration_error, fit_calibration, group_slots,
-                           restrict_to_true_groups, stack)
-from dmde.train_experts import ExpertsConfig, budget_epochs
+from dmde.baselines.models import FlatClassifier, FlatEnsemble
+from dmde.experts.backbones import create_backbone
+from dmde.experts.expert import Expert, init_from_flat
+from dmde.experts.train import ExpertsConfig, budget_epochs
+from dmde.fusion.stacking import (
+    GroupLayout,
+    calibrate_logits,
+    expected_calibration_error,
+    fit_calibration,
+    group_slots,
+    restrict_to_true_groups,
+    stack,
+)
+from dmde.run.evaluate import expert_accounting, restricted_top1
 
 
 def _flat(n: int = 6, seed: int = 0) -> FlatClassifier:
@@ -155,8 +162,8 @@ def test_pipeline_warm_start_ensemble_and_accounting(tmp_path, real_wordnet_dir)
 
     from test_pipeline import tiny_config
 
-    from dmde.checkpoint import load_checkpoint
-    from dmde.pipeline import train
+    from dmde.core.checkpoint import load_checkpoint
+    from dmde.run.pipeline import train
 
     cfg, _ = tiny_config(tmp_path, experts={"init": "flat", "budget": "flat_steps", "epochs": 2},
                          fusion={"calibrate": "temperature_bias", "stacking": "poe"},
@@ -186,7 +193,7 @@ def test_accounting_of_a_product_of_experts_run():
     Eq. 7 on the same experts, paired."""
     from types import SimpleNamespace
 
-    from dmde.evaluate import mixture_accounting
+    from dmde.run.evaluate import mixture_accounting
 
     layout = _layout()
     P = torch.tensor([[[0.3, 0.2, 0.5], [0.0, 0.9, 0.1]],  # y = 0: expert 1 (no class 0) is sure of 2

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmde.backbones import (
+from dmde.core.errors import DmdeValueError
+from dmde.experts.backbones import (
     Backbone,
     create_backbone,
     efficientnet_lite0_imagenet_state,
     list_backbones,
     register_backbone,
 )
-from dmde.errors import DmdeValueError
 
 SMALL = {  # small instances so every test runs in well under a second on two cores
     "alexnet": dict(width_mult=0.125, fc_dim=64, stem_stride=2),

@@ -5,8 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from dmde.baselines import EarlyFusion, FlatClassifier, count_flops, mixture_macs, width_matched_flat
-from dmde.errors import DmdeValueError
+from dmde.baselines.models import (
+    EarlyFusion,
+    FlatClassifier,
+    count_flops,
+    mixture_macs,
+    width_matched_flat,
+)
+from dmde.core.errors import DmdeValueError
 
 
 class TinyBackbone(nn.Module):
@@ -89,7 +95,7 @@ def test_width_matched_flat_unknown_width():
 
 
 def test_early_fusion_over_dmde_experts():
-    from dmde.expert import Expert
+    from dmde.experts.expert import Expert
 
     torch.manual_seed(0)
     experts = [Expert.build("small_cnn", m, width=4) for m in (3, 5)]

@@ -1,4 +1,4 @@
-"""All experts as one wide network (dmde.batched): equal to the loop, or refused and not used."""
+"""All experts as one wide network (dmde.fusion.batched): equal to the loop, or refused and not used."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmde.batched import WideBackbones, wide_support
-from dmde.errors import DmdeValueError
-from dmde.expert import Expert
-from dmde.fusion import Mixture, NWaySoftmax, mixture_loss
+from dmde.core.errors import DmdeValueError
+from dmde.experts.expert import Expert
+from dmde.fusion.batched import WideBackbones, wide_support
+from dmde.fusion.mixture import Mixture, NWaySoftmax, mixture_loss
 
 GROUPS = [[0, 1, 2, 3], [3, 4], [4, 5, 0]]  # unequal M_j: the heads stay per expert
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dmde.cli import main
-from dmde.groups import TaskGroups
-from dmde.ontology import Ontology
 from wn_toy import make_toy_wordnet
+
+from dmde.cli.main import main
+from dmde.hierarchy.groups import TaskGroups
+from dmde.hierarchy.ontology import Ontology
 
 TOY = {
     "entity": [],
@@ -153,7 +153,7 @@ def test_mismatched_groups_refused(toy, capsys):
     assert main(["ontology", "build", *common, "--out", str(a), "--categories", "2"]) == 0
     assert main(["ontology", "build", *common, "--out", str(b), "--categories", "4"]) == 0
     assert main(["groups", "--ontology", str(a), "--size", "4", "--overlap", "0", "--out", str(tmp / "g.json")]) == 0
-    from dmde.errors import MismatchError
+    from dmde.core.errors import MismatchError
 
     with pytest.raises(MismatchError):
         TaskGroups.from_json(tmp / "g.json").validate(Ontology.from_json(b))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dmde.checkpoint import load_checkpoint
+from dmde.core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.distributed
 

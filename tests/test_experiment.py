@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from dmde.cli import main
-from dmde.experiment import load_suite, plan, row_config, verdict
+from dmde.cli.main import main
+from dmde.report.results import verdict
+from dmde.report.suite import load_suite, plan, row_config
 
 # On top of the suite's own --quick overrides: tiny synthetic images (10 classes), ~1 s per run.
 TINY = ["data.dataset=synthetic", "data.image_size=12", "data.synthetic_per_class=20", "data.holdout_per_class=5",
@@ -114,7 +115,7 @@ def test_finetuned_row_is_reported_when_the_base_config_skips_fine_tuning(tmp_pa
 
     import yaml
 
-    from dmde.config import read_yaml
+    from dmde.core.config import read_yaml
 
     suite_dir = tmp_path / "suite"
     suite_dir.mkdir()

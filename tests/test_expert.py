@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmde.backbones import create_backbone
-from dmde.errors import DmdeValueError
-from dmde.expert import Expert, ExpertModelConfig
-from dmde.multitask import MultiTaskHead, multitask_loss
+from dmde.core.config import from_dict
+from dmde.core.errors import DmdeValueError
+from dmde.experts.backbones import create_backbone
+from dmde.experts.expert import Expert
+from dmde.experts.multitask import MultiTaskHead, multitask_loss
+from dmde.experts.train import ExpertsConfig, build_expert
 
 
 @pytest.mark.parametrize("not_in_group,n_out", [(True, 51), (False, 50)])
@@ -28,15 +30,15 @@ def test_forward_from_trunk_matches_forward():
         assert torch.allclose(e.forward_from_trunk(t), e(x), atol=1e-6)
 
 
-def test_from_config_and_mapping():
-    cfg = ExpertModelConfig(backbone="alexnet", backbone_kwargs=dict(width_mult=0.125, fc_dim=32), multitask=False)
-    e = Expert.from_config(cfg, 50)
+def test_build_expert_from_the_stage_config():
+    cfg = ExpertsConfig(backbone="alexnet", backbone_kwargs=dict(width_mult=0.125, fc_dim=32), multitask=False)
+    e = build_expert(cfg, 50)
     assert e.backbone.num_features == 32 and not e.head.multitask
     assert e(torch.randn(2, 3, 64, 64)).shape == (2, 51)
-    e2 = Expert.from_config({"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "not_in_group": False}, 5)
+    e2 = build_expert(ExpertsConfig(backbone="small_cnn", backbone_kwargs={"width": 4}, not_in_group=False), 5)
     assert e2(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(DmdeValueError, match="unknown config key"):
-        Expert.from_config({"backbone": "small_cnn", "depth": 3}, 5)
+        from_dict(ExpertsConfig, {"backbone": "small_cnn", "depth": 3})
 
 
 def test_expert_trains_end_to_end():

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmde.errors import DmdeValueError, MismatchError
-from dmde.fusion import Mixture, NWaySoftmax, mixture_loss
-from dmde.stacking import GroupLayout, stack
+from dmde.core.errors import DmdeValueError, MismatchError
+from dmde.fusion.mixture import Mixture, NWaySoftmax, mixture_loss
+from dmde.fusion.stacking import GroupLayout, stack
 
 
 class TinyBackbone(nn.Module):
@@ -28,7 +28,7 @@ class TinyBackbone(nn.Module):
 
 
 class TinyHead(nn.Module):
-    """W_k = W_0 + V_k plus a not-in-group row (the interface of dmde.multitask's head)."""
+    """W_k = W_0 + V_k plus a not-in-group row (the interface of dmde.experts.multitask's head)."""
 
     def __init__(self, d: int, m: int) -> None:
         super().__init__()
@@ -181,9 +181,6 @@ def test_mixture_loss_without_nway_and_without_expert_terms():
 
 
 def test_mixture_loss_laplacian_term():
-    multitask = pytest.importorskip("dmde.multitask")
-    if not hasattr(multitask, "laplacian_trace"):
-        pytest.skip("dmde.multitask.laplacian_trace not available")
     mix = make_mixture(EQUAL)
     S = [torch.ones(3, 3) - torch.eye(3) for _ in EQUAL]
     x, y = images(4), torch.tensor([0, 1, 2, 3])
@@ -319,7 +316,7 @@ def test_stack_cache_for_frozen_parameters_during_training():
 
 
 def real_experts(groups, seed=0, **kw):
-    from dmde.expert import Expert
+    from dmde.experts.expert import Expert
 
     torch.manual_seed(seed)
     return [Expert.build("small_cnn", len(g), width=4, **kw) for g in groups]
@@ -342,7 +339,7 @@ def test_batched_equals_loop_with_dmde_experts(groups, how, mode):
 
 
 def test_end_to_end_with_dmde_experts():
-    from dmde.multitask import MultiTaskHead
+    from dmde.experts.multitask import MultiTaskHead
 
     mix = Mixture(real_experts(UNEQUAL), UNEQUAL, 6, nway=NWaySoftmax(6, input="log")).train()
     assert all(isinstance(e.head, MultiTaskHead) for e in mix.experts)

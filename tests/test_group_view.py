@@ -1,13 +1,11 @@
-"""The not-in-group sampler of SPEC §4: counts, spread over outside classes, per-epoch redraws."""
+"""The not-in-group sampler (docs/METHOD.md, "Experts"): counts, spread over outside classes, per-epoch redraws."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from dmde.data import InMemoryImages
-from dmde.errors import DmdeValueError
-from dmde.group_view import GroupDataset, GroupView, group_labels
+from dmde.core.errors import DmdeValueError
+from dmde.data.group_view import GroupView, group_labels
 
 # 7 classes of uneven size; class c has 10 + c images, interleaved in the dataset.
 SIZES = [10 + c for c in range(7)]
@@ -85,23 +83,3 @@ def test_group_labels_for_evaluation():
     assert labels.tolist() == [1, 2, 0, 2, 0, 2]
 
 
-def test_group_dataset_yields_images_and_group_labels():
-    n = len(TARGETS)
-    imgs = torch.zeros(n, 3, 2, 2, dtype=torch.uint8)
-    imgs[:, 0, 0, 0] = torch.as_tensor(TARGETS, dtype=torch.uint8)  # pixel = class id
-    mem = InMemoryImages(imgs, TARGETS, [f"n{c}" for c in range(7)])
-    view = GroupView(TARGETS, [5, 2], seed=0)
-    ds = GroupDataset(mem, view)
-    assert ds.num_classes == 3 and len(ds) == 2 * (SIZES[5] + SIZES[2])
-    lut = {5: 0, 2: 1}
-    for i in range(len(ds)):
-        x, y = ds[i]
-        cls = round(float(x[0, 0, 0]) * 255)
-        assert y == lut.get(cls, 2)
-    batch, labels = ds.get_batch(np.arange(len(ds)))
-    assert torch.equal(labels, torch.from_numpy(view.labels))
-    first = view.indices.copy()
-    ds.set_epoch(1)
-    assert not np.array_equal(first, view.indices)
-    with pytest.raises(DmdeValueError):
-        GroupDataset(mem, GroupView(TARGETS[:5], [0]))

@@ -1,4 +1,4 @@
-"""Task groups (§IV-A, Fig. 3), pinned to SPEC §3."""
+"""Task groups (§IV-A, Fig. 3), pinned to docs/METHOD.md, "Groups"."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from dmde.errors import DmdeValueError, MismatchError
-from dmde.groups import TaskGroups, circular_groups, make_groups
-from dmde.ontology import Category, Ontology
+from dmde.core.errors import DmdeValueError, MismatchError
+from dmde.hierarchy.groups import TaskGroups, circular_groups, make_groups
+from dmde.hierarchy.ontology import Category, Ontology
 
 
 def flat_ontology(n: int, k: int = 10, prefix: int = 0) -> Ontology:

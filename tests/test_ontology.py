@@ -4,22 +4,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from wn_toy import make_toy_wordnet
 
-from dmde.errors import DmdeValueError
-from dmde.ontology import (
-    EXACT_EIGH_MAX_N,
+from dmde.core.errors import DmdeValueError
+from dmde.hierarchy.ontology import (
     Category,
     Ontology,
     OntologyBuilder,
     build_semantic_ontology,
     build_visual_ontology,
+)
+from dmde.hierarchy.spectral import (
+    EXACT_EIGH_MAX_N,
     default_n_categories,
     left_to_right_order,
     spectral_categories,
     visual_affinity,
 )
-from dmde.wordnet import WordNet
-from wn_toy import make_toy_wordnet
+from dmde.hierarchy.wordnet import WordNet
 
 
 def block_affinity(sizes, noise=0.05, seed=0, shuffle=True):
@@ -249,7 +251,7 @@ def test_semantic_errors(toy_wn):
 def test_fashion_mnist_on_real_wordnet(real_wordnet_dir):
     from importlib.resources import as_file, files
 
-    from dmde.semantic import read_wnid_list
+    from dmde.hierarchy.semantic import read_wnid_list
 
     with as_file(files("dmde").joinpath("resources/fashion_mnist_wnids.txt")) as p:
         wnids = read_wnid_list(p)

@@ -11,10 +11,11 @@ import yaml
 from PIL import Image
 
 import dmde
-from dmde.checkpoint import load_checkpoint
-from dmde.cli import main
-from dmde.config import load_config
-from dmde.pipeline import RunConfig, train
+from dmde.cli.main import main
+from dmde.core.checkpoint import load_checkpoint
+from dmde.core.config import load_config
+from dmde.run.config import RunConfig
+from dmde.run.pipeline import train
 
 TINY = {
     "data": {"dataset": "synthetic", "image_size": 12, "synthetic_per_class": 30, "holdout_per_class": 6,
@@ -84,7 +85,10 @@ def test_pipeline_trains_every_model(finished_run):
     # the width-matched flat model costs what the whole mixture costs, within 10%
     assert abs(stages["flat_wide"]["macs"] / stages["flat_wide"]["mixture_macs"] - 1) < 0.1
     assert stages["flat_wide"]["width"] > 8
-    assert groups  # parsed
+    # N = 10 on a circle, M = 4, λ = 0.5: stride 2, five groups of four, every class in exactly two
+    positions = [g["positions"] for g in groups["groups"]]
+    assert sorted(len(g) for g in positions) == [4] * 5
+    assert sorted(sum(c in g for g in positions) for c in range(10)) == [2] * 10
 
 
 def test_rerun_of_a_finished_run_trains_nothing(finished_run):
@@ -95,7 +99,7 @@ def test_rerun_of_a_finished_run_trains_nothing(finished_run):
     assert again == metrics
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     changed = sorted(p.name for p in after if after[p] != before.get(p))
-    assert changed == []  # not a checkpoint, not a log, not a summary rewritten
+    assert changed == [".lock"]  # only the lock's pid; not a checkpoint, a log or a summary rewritten
     assert json.loads((run / "stages.json").read_text()) == stages
 
 
@@ -115,7 +119,7 @@ def test_a_changed_setting_redoes_only_dependent_stages(finished_run, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
     run, metrics, path = finished_run
-    import dmde.training as training
+    import dmde.core.training as training
 
     real = training.save_checkpoint
     calls = {"n": 0}
@@ -148,6 +152,44 @@ def test_experts_of_another_ontology_are_refused(finished_run, tmp_path, capsys)
     assert err.startswith("dmde: error:") and "ontology" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("case", ["other width", "other seed", "weights only"])
+def test_an_expert_checkpoint_of_another_run_is_refused_before_loading(finished_run, tmp_path, capsys, case):
+    """Same ontology and groups, but another width or seed, or a bare state dict: one line naming
+    the checkpoint, exit 2, and no stale metrics printed as if valid."""
+    run, _, path = finished_run
+    over = {"other width": ["experts.backbone_kwargs={width: 4}"], "other seed": ["experts.seed=7"],
+            "weights only": []}[case]
+    other = tmp_path / "other"
+    train(other, load_config(RunConfig, path, over), until="experts")
+    if case == "weights only":
+        state = load_checkpoint(other / "experts" / "expert_000.pt")
+        torch.save({"model": state["model"]}, other / "experts" / "expert_000.pt")
+    target = tmp_path / "target"  # the finished run, with the other run's experts
+    shutil.copytree(run, target)
+    shutil.rmtree(target / "experts")
+    shutil.copytree(other / "experts", target / "experts")
+    assert main(["evaluate", str(target), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dmde: error: ") and err.count("\n") == 1, err
+    assert "expert_000.pt" in err and ("other expert settings" in err or "not a dmde" in err), err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_refuses_a_bad_out_and_foreign_classes(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    (tmp_path / "afile").write_text("x")
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and err.count("\n") == 1
+    folder = tmp_path / "folder" / "n02084071"  # dog: not one of the run's classes
+    folder.mkdir(parents=True)
+    Image.new("RGB", (12, 12)).save(folder / "0.png")
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "folder"), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 classes" in err and "run's ontology" in err and err.count("\n") == 1
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_command(finished_run, capsys):
     run, metrics, _ = finished_run
     assert main(["evaluate", str(run), "--json"]) == 0
@@ -159,7 +201,7 @@ def test_evaluate_command(finished_run, capsys):
 
 def test_evaluate_on_an_image_folder(finished_run, tmp_path, capsys):
     run, _, _ = finished_run
-    from dmde.synthetic import synthetic_images
+    from dmde.data.synthetic import synthetic_images
 
     wnids = json.loads((run / "data.json").read_text())["classes"]
     x, y = synthetic_images(10, 3, size=12, seed=99)
@@ -176,7 +218,7 @@ def test_evaluate_on_an_image_folder(finished_run, tmp_path, capsys):
 
 def test_predict_api_and_command(finished_run, tmp_path, capsys):
     run, _, _ = finished_run
-    from dmde.synthetic import synthetic_images
+    from dmde.data.synthetic import synthetic_images
 
     x, y = synthetic_images(10, 1, size=12, seed=5)
     files = []
@@ -204,7 +246,7 @@ def test_predict_api_and_command(finished_run, tmp_path, capsys):
 
 def test_export_predicts_like_the_run(finished_run, tmp_path, capsys):
     run, _, _ = finished_run
-    from dmde.synthetic import synthetic_images
+    from dmde.data.synthetic import synthetic_images
 
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
@@ -282,10 +324,11 @@ def test_overrides_of_the_right_type_pass():
 
 def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):
     """data.on_corrupt: raise names the file; skip drops it and counts it."""
-    from dmde.errors import CorruptImageError
-    from dmde.pipeline import DataConfig, load_splits
-    from dmde.synthetic import synthetic_images
-    from dmde.wordnet import WordNet
+    from dmde.core.errors import CorruptImageError
+    from dmde.data.synthetic import synthetic_images
+    from dmde.hierarchy.wordnet import WordNet
+    from dmde.run.config import DataConfig
+    from dmde.run.prepare import load_splits
 
     x, y = synthetic_images(2, 5, size=8, seed=0)
     for i, (img, t) in enumerate(zip(x, y)):

@@ -1,4 +1,4 @@
-"""dmde.semantic: D, ψ (Eq. 1), non-atomic classes, WNID list files (SPEC §1).
+"""dmde.hierarchy.semantic: D, ψ (Eq. 1), non-atomic classes, WNID list files (docs/METHOD.md, "Semantic relationship").
 
 Known answers: hand-computed distances on a toy hierarchy, a brute force on random DAGs, and NLTK's
 ``lch_similarity`` on real WordNet 3.0.
@@ -10,17 +10,17 @@ from collections import deque
 
 import numpy as np
 import pytest
+from wn_toy import ANIMALS, make_toy_wordnet
 
-from dmde.errors import DmdeFileError, DmdeValueError
-from dmde.semantic import (
+from dmde.core.errors import DmdeFileError, DmdeValueError
+from dmde.hierarchy.semantic import (
     non_atomic,
     psi_from_distances,
     read_wnid_list,
     semantic_relationship,
     shortest_path_distances,
 )
-from dmde.wordnet import WordNet, nltk_reader
-from wn_toy import ANIMALS, make_toy_wordnet
+from dmde.hierarchy.wordnet import WordNet, nltk_reader
 
 
 @pytest.fixture()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dmde.errors import DmdeValueError
-from dmde.similarity import median_sq_distance, visual_similarity
+from dmde.core.errors import DmdeValueError
+from dmde.experts.similarity import median_sq_distance, visual_similarity
 
 
 def _point_classes(points: torch.Tensor, reps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dmde.errors import DmdeValueError, MismatchError
-from dmde.stacking import GroupLayout, stack
+from dmde.core.errors import DmdeValueError, MismatchError
+from dmde.fusion.stacking import GroupLayout, stack
 
 # N = 3 classes, two experts: G_0 = {0, 1}, G_1 = {1, 2}.
 # Expert 0: p(c0) = 0.5, p(c1) = 0.3, φ_0 = 0.2 → odds (1 − φ)/φ = 4

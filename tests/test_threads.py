@@ -6,8 +6,14 @@ import os
 import pytest
 import torch
 
-from dmde.errors import DmdeValueError
-from dmde.threads import available_cores, configure_threads, default_threads, load_warning, parse_threads
+from dmde.core.errors import DmdeValueError
+from dmde.core.threads import (
+    available_cores,
+    configure_threads,
+    default_threads,
+    load_warning,
+    parse_threads,
+)
 
 
 def test_default_threads_shares_the_cores_between_local_ranks():

@@ -6,11 +6,21 @@ import json
 import pytest
 import torch
 
-from dmde.checkpoint import check_expert_checkpoint, load_checkpoint, save_checkpoint
-from dmde.errors import DmdeError, MismatchError
-from dmde.synthetic import synthetic_images
-from dmde.train_experts import ExpertsConfig, evaluate_expert, expert_path, load_expert, train_expert
-from dmde.training import ImageTensors
+from dmde.core.checkpoint import (
+    check_expert_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dmde.core.errors import DmdeError, MismatchError
+from dmde.core.training import ImageTensors
+from dmde.data.synthetic import synthetic_images
+from dmde.experts.train import (
+    ExpertsConfig,
+    evaluate_expert,
+    expert_path,
+    load_expert,
+    train_expert,
+)
 
 
 def tiny_data(n_classes: int = 4, per_class: int = 24, size: int = 12, seed: int = 0) -> ImageTensors:

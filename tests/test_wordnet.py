@@ -1,14 +1,14 @@
-"""dmde.wordnet: the data.noun reader, WNID / lemma resolution, ancestors, H (SPEC §1)."""
+"""dmde.hierarchy.wordnet: the data.noun reader, WNID / lemma resolution, ancestors, H (docs/METHOD.md, "Classes")."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 import pytest
-
-from dmde.errors import DmdeError, DmdeValueError, WordNetNotFoundError
-from dmde.wordnet import WordNet, find_wordnet
 from wn_toy import ANIMALS, make_toy_wordnet
+
+from dmde.core.errors import DmdeError, DmdeValueError, WordNetNotFoundError
+from dmde.hierarchy.wordnet import WordNet, find_wordnet
 
 
 @pytest.fixture()
@@ -132,7 +132,7 @@ def test_missing_wordnet_errors(tmp_path, monkeypatch):
         WordNet.load()
     # Nothing anywhere: the default locations all point at empty directories.
     monkeypatch.delenv("DMDE_WORDNET")
-    monkeypatch.setattr("dmde.wordnet.DEBIAN_DIR", str(tmp_path))
+    monkeypatch.setattr("dmde.hierarchy.wordnet.DEBIAN_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
     nltk_data = pytest.importorskip("nltk.data")
     monkeypatch.setattr(nltk_data, "path", [str(tmp_path)])
@@ -146,7 +146,7 @@ def test_missing_wordnet_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- real WordNet 3.0
 def test_real_wordnet(real):
     assert real.n == 82115
-    assert real.max_depth == 19  # SPEC §1: H of WordNet 3.0 nouns (NLTK's _compute_max_depth)
+    assert real.max_depth == 19  # H of WordNet 3.0 nouns (NLTK's _compute_max_depth)
     dog, cat = real.resolve("dog"), real.resolve("cat.n.01")
     assert real.wnid(dog) == "n02084071" and real.wnid(cat) == "n02121620"
     assert real.index("n01440764") == real.resolve("tench")

@@ -1,0 +1,331 @@
+"""Evaluation (§V): top-k accuracy, per-class accuracy (Figs. 5, 6), how far, in WordNet,
+a model's mistakes land (the mean distance D of Eq. 1 between the true and the predicted class),
+and a stage-by-stage accounting of where the mixture loses accuracy:
+
+* per expert, on the hold-out images: top-1 among its group's classes beside the flat model's top-1
+  restricted to the same classes (argmax over the group's columns), not-in-group recall on images
+  outside the group, the false not-in-group rate on images inside it, and the expected calibration
+  error of its in-group probability 1 − φ;
+* for the mixture, an oracle row (Υ from the groups that hold the true class only: a perfect gate),
+  then argmax Υ, the N-way layer and the fine-tuned model, so each stage's loss reads as a difference.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dmde.core.errors import DmdeValueError
+from dmde.core.io import DirectoryLock, ensure_directory, write_json
+from dmde.core.training import predict_logits
+from dmde.fusion.stacking import (
+    LOG_VARIANTS,
+    expected_calibration_error,
+    group_slots,
+    restrict_to_true_groups,
+    stack,
+)
+from dmde.hierarchy.ontology import Ontology
+from dmde.hierarchy.semantic import shortest_path_distances
+from dmde.hierarchy.wordnet import WordNet
+from dmde.run.config import resolve_device
+from dmde.run.plots import plot_per_class
+from dmde.run.prepare import prepare_splits
+from dmde.run.store import load_models
+
+TOPK = (1, 2, 5, 10)
+
+
+def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = TOPK) -> dict[str, float]:
+    """Share of samples whose true class is among the k highest scores, for each k (k ≤ N)."""
+    if scores.shape[0] != targets.shape[0]:
+        raise DmdeValueError(f"{scores.shape[0]} score rows for {targets.shape[0]} targets")
+    n = scores.shape[1]
+    kmax = min(max(ks), n)
+    top = scores.topk(kmax, dim=1).indices  # (B, kmax)
+    hit = top == targets.unsqueeze(1)
+    return {f"top{k}": float(hit[:, : min(k, n)].any(1).float().mean()) for k in ks}
+
+
+def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor, n_classes: int) -> np.ndarray:
+    """Top-1 accuracy of every class (NaN for a class without samples)."""
+    pred = scores.argmax(1)
+    correct = torch.bincount(targets[pred == targets], minlength=n_classes).double()
+    total = torch.bincount(targets, minlength=n_classes).double()
+    acc = (correct / total).numpy()
+    acc[total.numpy() == 0] = np.nan
+    return acc
+
+
+def mistake_distance(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray) -> float:
+    """Mean WordNet distance D (edges + 1, Eq. 1) between true and predicted class over the
+    top-1 mistakes: a hierarchy-aware error (smaller means the mistakes are nearer misses)."""
+    pred = scores.argmax(1)
+    wrong = pred != targets
+    if not bool(wrong.any()):
+        return float("nan")
+    d = dist[targets[wrong].numpy(), pred[wrong].numpy()]
+    return float(np.mean(d + 1))
+
+
+def class_distances(wnids: Sequence[str], wordnet_dir: str | None = None) -> np.ndarray:
+    """Shortest hypernym-path distances (edges) between the classes (N, N)."""
+    wn = WordNet.load(wordnet_dir)
+    return np.asarray(shortest_path_distances(wn, wn.indices(list(wnids))))
+
+
+def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray | None) -> dict[str, Any]:
+    """Top-k accuracies, mistake distance and image count of one score matrix (B, N)."""
+    m: dict[str, Any] = topk_accuracy(scores, targets)
+    if dist is not None:
+        m["mistake_distance"] = mistake_distance(scores, targets, dist)
+    m["n_images"] = int(targets.numel())
+    return m
+
+
+def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, dist: np.ndarray | None,
+                    device: torch.device | str = "cpu", progress: bool = False,
+                    keep_scores: Sequence[str] = (), scores: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Metrics of every model on ``data`` (an :class:`~dmde.core.training.ImageTensors`), and their
+    per-class accuracies. ``scores`` gives models' score matrices already computed (they are not
+    run again); those of the models named in ``keep_scores`` are returned under ``metrics["_scores"]``."""
+    metrics, per_class, kept = {}, {}, {}
+    for name, model in models.items():
+        if scores is not None and name in scores:
+            out = scores[name]
+        else:
+            model.eval()
+            out = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
+        metrics[name] = score_metrics(out, data.targets, dist)
+        per_class[name] = per_class_accuracy(out, data.targets, n_classes)
+        if name in keep_scores:
+            kept[name] = out
+    if kept:
+        metrics["_scores"] = kept
+    return metrics, per_class
+
+
+#: The mixtures of a run (:func:`dmde.run.store.load_models`), scored through their experts' probabilities.
+MIXTURES = ("mixture_upsilon", "mixture_nway", "mixture")
+
+
+def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device | str = "cpu",
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """Padded expert probabilities P (n, G, Mmax+1) of each mixture of ``models`` on ``data``, one
+    pass of the experts per mixture; mixtures with the same experts and calibration share it."""
+    out: dict[str, torch.Tensor] = {}
+    for name in MIXTURES:
+        model = models.get(name)
+        if model is None:
+            continue
+        twin = next((k for k in out if _same_experts(models[k], model)), None)
+        if twin is not None:
+            out[name] = out[twin]
+            continue
+        model.eval()
+        g = len(model.experts)
+        out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device,
+                                   progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
+    return out
+
+
+def _same_experts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(x is y for x, y in zip(a.experts, b.experts)) and torch.equal(a.temperature, b.temperature) \
+        and torch.equal(a.nig_bias, b.nig_bias)
+
+
+@torch.no_grad()
+def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``model(x)`` from its experts' probabilities P: Υ (Eq. 7 or the variant), then the N-way layer
+    in the batches :func:`~dmde.core.training.predict_logits` uses, so the numbers equal a direct pass."""
+    u = stack(P, model.layout.to("cpu"), model.stacking, model.eps, model.lam)
+    if model.nway is None:
+        return u
+    dev = model.temperature.device
+    return torch.cat([model.nway(u[s : s + batch_size].to(dev)).float().cpu() for s in range(0, len(u), batch_size)])
+
+
+def restricted_top1(scores: torch.Tensor, targets: torch.Tensor, classes: Sequence[int]) -> float:
+    """Top-1 among ``classes`` on the images of those classes: argmax over their columns only
+    (a flat model read as if it were the expert of that group). NaN without such images."""
+    cols = torch.as_tensor(list(classes), dtype=torch.long)
+    inside = torch.isin(targets, cols)
+    if not bool(inside.any()):
+        return float("nan")
+    pred = cols[scores[inside][:, cols].argmax(1)]
+    return float((pred == targets[inside]).float().mean())
+
+
+def expert_accounting(P: torch.Tensor, layout, targets: torch.Tensor,
+                      flat_scores: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """Per expert j, from padded expert probabilities P (B, G, Mmax+1) on labelled images:
+    ``group_top1`` (among its M_j classes, on its classes' images), ``flat_group_top1`` (the flat
+    model restricted to the same classes and images), ``nig_recall`` (images outside the group
+    called not-in-group: φ above every in-group probability), ``false_nig_rate`` (images inside it
+    called not-in-group) and ``phi_ece`` (expected calibration error of 1 − φ as the probability
+    that the image belongs to the group)."""
+    slots = group_slots(layout, targets)  # (B, G), Mmax outside
+    mmax = layout.max_size
+    has_nig = P.shape[-1] == mmax + 1  # False for the "w/o not-in-group" ablation
+    rows = []
+    for j, classes in enumerate(layout.groups):
+        m = len(classes)
+        inside = slots[:, j] < mmax
+        p = P[:, j]
+        row: dict[str, float] = {"expert": j, "classes": m, "images_in": int(inside.sum()),
+                                 "group_top1": float((p[inside, :m].argmax(1) == slots[inside, j]).float().mean())
+                                 if inside.any() else float("nan")}
+        if flat_scores is not None:
+            row["flat_group_top1"] = restricted_top1(flat_scores, targets, classes)
+        if has_nig:
+            says_nig = p[:, mmax] > p[:, :m].max(1).values
+            row["nig_recall"] = float(says_nig[~inside].float().mean()) if (~inside).any() else float("nan")
+            row["false_nig_rate"] = float(says_nig[inside].float().mean()) if inside.any() else float("nan")
+            row["phi_ece"] = expected_calibration_error(1.0 - p[:, mmax], inside)
+        rows.append(row)
+    return rows
+
+
+def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torch.Tensor], targets: torch.Tensor,
+                       dist: np.ndarray | None, flat_scores: torch.Tensor | None = None) -> tuple[dict[str, dict], dict]:
+    """The accounting rows of a run's mixtures, from their experts' probabilities ``probs``
+    (:func:`mixture_probs`): ``mixture_oracle`` (the trained experts, Υ from the groups that hold
+    the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion stage's
+    calibration, when there is one), ``mixture_upsilon_eq7`` / ``mixture_upsilon_poe`` (argmax of
+    the stacking the run did not use, on the same calibrated experts) and
+    ``mixture_finetuned_oracle`` (the oracle of the fine-tuned experts); and the per-expert table (:func:`expert_accounting`) of the trained experts, with the
+    φ calibration error after calibration when the run calibrates."""
+    base = models.get("mixture_upsilon")
+    if base is None:
+        return {}, {}
+    layout = base.layout.to("cpu")  # the probabilities are on the CPU
+    y = targets
+
+    def stacked(model: torch.nn.Module, P: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        return stack(P, layout, variant or model.stacking, model.eps, model.lam)
+
+    def oracle(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
+        if model.stacking not in LOG_VARIANTS:  # Eq. 7 and kin: only the true groups' terms
+            return stacked(model, restrict_to_true_groups(P, layout, y))
+        # A log score gives −69 to every class of a zeroed group (even one a true group holds):
+        # keep the full score and rule out the classes outside the true groups instead.
+        holds = (layout.class_index.unsqueeze(0) == y.view(-1, 1, 1)).any(-1)  # (B, G)
+        member = torch.zeros(layout.n_groups, layout.n_classes, dtype=torch.bool)
+        member[torch.arange(layout.n_groups).repeat_interleave(layout.sizes), layout.flat_class] = True
+        allowed = (holds.float() @ member.float()) > 0  # (B, N)
+        return stacked(model, P).masked_fill(~allowed, float("-inf"))
+
+    P = probs["mixture_upsilon"]
+    rows = {"mixture_oracle": score_metrics(oracle(base, P), y, dist)}
+    Pc = probs.get("mixture_nway", P)
+    for variant in ("eq7", "poe"):  # the other stacking on the same (calibrated) experts: paired
+        if variant != base.stacking and P.shape[-1] == layout.max_size + 1:
+            rows[f"mixture_upsilon_{variant}"] = score_metrics(stacked(base, Pc, variant), y, dist)
+    table = expert_accounting(P, layout, y, flat_scores)
+    if Pc is not P:  # the fusion stage calibrated the experts
+        rows["mixture_upsilon_calibrated"] = score_metrics(stacked(models["mixture_nway"], Pc), y, dist)
+        slots = group_slots(layout, y)
+        for j, row in enumerate(table):
+            row["phi_ece_calibrated"] = expected_calibration_error(1.0 - Pc[:, j, -1], slots[:, j] < layout.max_size)
+    Pf = probs.get("mixture")
+    if Pf is not None:
+        rows["mixture_finetuned_oracle"] = score_metrics(
+            oracle(models["mixture"], Pf), y, dist)
+    return rows, {"experts": table}
+
+
+#: The order of the rows in metrics.json and the printed table: the accounting reads top down.
+ROW_ORDER = ("mixture_oracle", "mixture_upsilon", "mixture_upsilon_calibrated", "mixture_upsilon_eq7",
+             "mixture_upsilon_poe", "mixture_nway",
+             "mixture_finetuned_oracle", "mixture", "flat", "flat_ensemble", "flat_wide", "early_fusion")
+
+
+def write_per_class(path: str | os.PathLike, wnids: Sequence[str], lemmas: Sequence[str],
+                    per_class: dict[str, np.ndarray]) -> None:
+    names = list(per_class)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["position", "wnid", "lemma", *names])
+        for p, (wnid, lemma) in enumerate(zip(wnids, lemmas)):
+            w.writerow([p, wnid, lemma, *(f"{per_class[k][p]:.4f}" for k in names)])
+
+
+def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | str = "auto",
+                 progress: bool = False, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate every model of a run on ``data`` (default: the run's own hold-out split) and
+    write ``metrics.json``, ``per_class.csv`` and ``per_class.png`` (into ``out_dir`` or the run),
+    holding that directory's lock."""
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    models, cfg = load_models(run_dir, device)  # not a run, or a broken one: nothing is written
+    out = ensure_directory(out_dir if out_dir is not None else run_dir, "evaluation output directory")
+    with DirectoryLock(out):
+        return _evaluate_run(run_dir, models, cfg, data, device, progress, out)
+
+
+def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, device: torch.device,
+                  progress: bool, out: Path) -> dict[str, Any]:
+    onto = Ontology.from_json(run_dir / "ontology.json")
+    if data is None:
+
+        splits = prepare_splits(cfg, WordNet.load(cfg.ontology.wordnet), progress=progress, cache_dir=run_dir,
+                                device=device)
+        data = splits.align(onto.positions_or(splits.classes)).holdout
+    dist = class_distances(onto.classes, cfg.ontology.wordnet)
+    probs = mixture_probs(models, data, device, progress)  # each mixture's experts run once
+    scores = {name: mixture_scores(models[name], P) for name, P in probs.items()}
+    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",),
+                                         scores=scores)
+    flat_scores = metrics.pop("_scores", {}).get("flat")
+    rows, accounting = mixture_accounting(models, probs, data.targets, dist, flat_scores)
+    metrics.update(rows)
+    metrics = {k: metrics[k] for k in sorted(metrics, key=lambda k: ROW_ORDER.index(k) if k in ROW_ORDER else 99)}
+    if accounting:
+        metrics["accounting"] = accounting
+    write_json(out / "metrics.json", metrics)
+    write_per_class(out / "per_class.csv", onto.classes, onto.lemmas, per_class)
+    plot_per_class(per_class, out / "per_class.png")
+    return metrics
+
+
+def model_rows(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-model entries of a metrics dict (without the ``accounting`` section)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, dict) and "top1" in v}
+
+
+def format_accounting(metrics: dict[str, Any]) -> str:
+    """The per-expert accounting as a markdown table (%), empty when the run has none."""
+    table = (metrics.get("accounting") or {}).get("experts") or []
+    if not table:
+        return ""
+
+    def pct(v: Any) -> str:
+        return "–" if v is None or v != v else f"{100 * v:.1f}"
+
+    cal = any("phi_ece_calibrated" in r for r in table)
+    head = ["expert", "classes", "group top-1", "flat on its classes", "Δ", "not-in-group recall",
+            "false not-in-group", "φ ECE"] + (["φ ECE calibrated"] if cal else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        d = r["group_top1"] - r["flat_group_top1"] if "flat_group_top1" in r else float("nan")
+        vals = [str(r["expert"]), str(r["classes"]), pct(r["group_top1"]), pct(r.get("flat_group_top1")),
+                "–" if d != d else f"{100 * d:+.1f}", pct(r.get("nig_recall")), pct(r.get("false_nig_rate")),
+                pct(r.get("phi_ece"))] + ([pct(r.get("phi_ece_calibrated"))] if cal else [])
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def format_table(metrics: dict[str, Any], ks: Sequence[int] = TOPK) -> str:
+    """Metrics as a markdown table (top-k in %); the accounting section is left out."""
+    cols = [f"top-{k}" for k in ks] + ["mistake D"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, m in model_rows(metrics).items():
+        vals = [f"{100 * m[f'top{k}']:.2f}" for k in ks]
+        d = m.get("mistake_distance")
+        vals.append("–" if d is None or d != d else f"{d:.2f}")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Prediction with a trained run: ``dmde.load(run_dir).predict(images)``.
+
+Images are files (any Pillow format, any mode), PIL images, numpy arrays (H, W[, C]) or uint8 /
+float tensors (3, H, W); each is
+resized to the run's input size, normalised like the training data, and scored by the run's
+best model (the fine-tuned mixture when present, else the mixture with its N-way layer, else
+argmax Υ, else the flat baseline).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmde.core.config import from_dict
+from dmde.core.errors import DmdeFileError, DmdeValueError
+from dmde.core.io import read_json
+from dmde.core.training import ImageTensors, as_model_input
+from dmde.core.transforms import resize
+from dmde.data.files import decode_image, pil_to_tensor
+from dmde.experts.train import ExpertsConfig
+from dmde.fusion.stacking import LOG_VARIANTS
+from dmde.hierarchy.ontology import Ontology
+from dmde.run.config import resolve_device
+from dmde.run.prepare import trunk_module
+from dmde.run.store import load_models
+
+PREFERENCE = ("mixture", "mixture_nway", "mixture_upsilon", "flat", "early_fusion")
+
+
+@dataclass
+class Prediction:
+    wnid: str
+    lemma: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wnid": self.wnid, "lemma": self.lemma, "score": self.score}
+
+
+class Predictor:
+    """A run's model ready to score images."""
+
+    def __init__(self, model: torch.nn.Module, classes: Sequence[str], lemmas: Sequence[str],
+                 image_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], model_name: str,
+                 scores_are_probabilities: bool = False, device: str | torch.device = "cpu") -> None:
+        self.model = model.eval()
+        self.classes, self.lemmas = list(classes), list(lemmas)
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.model_name = model_name
+        self.scores_are_probabilities = scores_are_probabilities
+        self.device = resolve_device(device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, model: str | None = None,
+                 device: str | torch.device = "auto") -> "Predictor":
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise DmdeFileError(f"run directory {run_dir} does not exist")
+        device = resolve_device(device)
+        models, cfg = load_models(run_dir, device)
+        if not models:
+            raise DmdeValueError(f"run {run_dir} has no trained model yet")
+        name = model or next(n for n in PREFERENCE if n in models)
+        if name not in models:
+            raise DmdeValueError(f"run {run_dir} has no model {name!r}; it has {', '.join(models)}")
+        onto = Ontology.from_json(run_dir / "ontology.json")
+        info = read_json(run_dir / "data.json", "run data summary")
+
+        defaults = ImageTensors(torch.empty(0), torch.empty(0))
+        net = models[name]
+        if info.get("trunk"):  # the run cached its frozen trunk: put it back in front
+
+            net = torch.nn.Sequential(trunk_module(from_dict(ExpertsConfig, info["trunk"])), net).to(device).eval()
+        return cls(net, onto.classes, onto.lemmas, tuple(info["image_size"]),
+                   info.get("mean", defaults.mean), info.get("std", defaults.std), name,
+                   scores_are_probabilities=name == "mixture_upsilon" and cfg.fusion.stacking not in LOG_VARIANTS,
+                   device=device)
+
+    def _load(self, image: Any) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+
+            image = pil_to_tensor(image)
+        elif isinstance(image, np.ndarray):  # as np.asarray(PIL image) gives: (H, W) or (H, W, C)
+            if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise DmdeValueError(f"a numpy image must be (H, W) or (H, W, 1|3|4), got {image.shape}")
+            arr = image if image.ndim == 2 else image[..., :3]
+            image = torch.from_numpy(np.ascontiguousarray(arr))
+            image = image.unsqueeze(0) if image.dim() == 2 else image.permute(2, 0, 1)
+        if isinstance(image, torch.Tensor):  # (3, H, W), (1, H, W) or (H, W); uint8 0–255 or float 0–1
+            x = image
+            if x.dim() == 2:
+                x = x.unsqueeze(0)
+            if x.dim() != 3 or x.shape[0] not in (1, 3):
+                raise DmdeValueError(f"an image tensor must be (3, H, W), (1, H, W) or (H, W), got {tuple(x.shape)}")
+            if x.shape[0] == 1:
+                x = x.expand(3, -1, -1)
+            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        else:
+
+            p = Path(image)
+            if not p.is_file():
+                raise DmdeFileError(f"image {p} does not exist")
+            x = decode_image(p.read_bytes(), str(p)).float().div_(255.0)
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = resize(x, self.image_size)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def scores(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (B, N) in the ontology's order."""
+        out = []
+        for s in range(0, len(images), batch_size):
+            x = torch.stack([self._load(im) for im in images[s : s + batch_size]]).to(self.device)
+            y = self.model(as_model_input(x)).float().cpu()
+            if self.scores_are_probabilities:  # Υ: normalise to sum to one
+                out.append(y / y.sum(1, keepdim=True).clamp_min(1e-12))
+            else:
+                out.append(torch.softmax(y, 1))
+        return torch.cat(out)
+
+    def predict(self, images: Sequence[Any], top_k: int = 5) -> list[list[Prediction]]:
+        """The ``top_k`` classes of every image, best first."""
+        if top_k < 1:
+            raise DmdeValueError(f"top-k must be at least 1, got {top_k}")
+        probs = self.scores(list(images))
+        k = min(top_k, probs.shape[1])
+        val, idx = probs.topk(k, dim=1)
+        return [[Prediction(self.classes[i], self.lemmas[i], float(v)) for v, i in zip(vr.tolist(), ir.tolist())]
+                for vr, ir in zip(val, idx)]

@@ -1,0 +1,131 @@
+"""The stage table: every stage of a run named once, with the stages it reads, the config section
+that sets it, what it leaves in the run directory, when it runs, and what its hash covers.
+
+Everything about stages derives from :data:`TABLE`: the order of ``dmde train`` and the choices of
+``--until`` (:data:`STAGES`), the stage hashes that say whether a stage is done
+(:func:`stage_hashes`), what is removed when a stage must be redone and what a suite shares
+between its rows (:data:`OUTPUTS`, :func:`shareable`).
+
+A stage's hash covers its own settings and the hashes of the stages it reads, so a changed setting
+redoes that stage and every stage after it, and nothing else. Settings added after runs existed
+enter a hash only when they differ from their default (:data:`LATER`): those runs stay finished.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from dmde.core.config import config_hash, to_dict
+
+if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` lists its stages
+    from dmde.run.config import RunConfig
+
+#: Settings added after runs existed, with their defaults: in a hash only when changed.
+LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...]  # stages whose outputs it uses (their hashes are part of its own)
+    section: str | None  # the config section that sets it
+    outputs: tuple[str, ...]  # what it writes in the run directory; the first marks it as present
+    key: Callable[[RunConfig, dict[str, str]], list[Any]]  # what its hash covers, given the others'
+    enabled: Callable[[RunConfig], bool]  # False: the stage is skipped
+    does: str  # the function that does the work
+    parallel: bool = False  # data-parallel on every torchrun rank (else rank 0 alone)
+    shared: bool = True  # a suite row may take it from a sibling with the same hash
+
+
+def _data(cfg: RunConfig) -> str:
+    return config_hash(cfg.data)
+
+
+def _experts(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg.experts).items() if LATER.get(k, object()) != v}
+
+
+def _fusion(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the fusion stage's settings, the fine-tuning's): ``batched`` goes with the stage it runs."""
+    fusion = {k: v for k, v in to_dict(cfg.fusion).items() if LATER.get(k, object()) != v}
+    finetune = fusion.pop("finetune")
+    fusion.pop("batched")
+    finetune["batched"] = fusion.pop("batched_finetune")
+    return fusion, finetune
+
+
+def _always(cfg: RunConfig) -> bool:
+    return True
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage("ontology", (), "ontology", ("ontology.json",),
+          lambda c, h: [_data(c), to_dict(c.ontology)], _always,
+          "dmde.hierarchy.ontology.build_semantic_ontology"),
+    Stage("groups", ("ontology",), "groups", ("groups.json", "visual_ontology.json"),
+          lambda c, h: [h["ontology"], to_dict(c.groups)], _always,
+          "dmde.run.trainers.make_run_groups"),
+    # experts.init=flat: the experts start from the flat model, whose hash then enters theirs
+    Stage("experts", ("groups", "flat"), "experts", ("experts",),
+          lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else []),
+          _always, "dmde.experts.train.train_all_experts"),
+    Stage("fusion", ("experts",), "fusion", ("fusion.pt",),
+          lambda c, h: [h["experts"], _fusion(c)[0]], lambda c: c.fusion.nway != "none",
+          "dmde.run.trainers.train_fusion"),
+    Stage("finetune", ("fusion",), "fusion.finetune", ("mixture.pt", "mixture.jsonl"),
+          lambda c, h: [h["fusion"], _fusion(c)[1]], lambda c: c.fusion.finetune.epochs > 0,
+          "dmde.run.trainers.finetune", parallel=True),
+    # how the experts start and how long they run are not the flat model's settings
+    Stage("flat", ("ontology",), "baselines", ("flat.pt", "flat.jsonl"),
+          lambda c, h: [h["ontology"], _data(c), {k: v for k, v in _experts(c).items() if k not in ("init", "budget")},
+                        c.baselines.epochs],
+          lambda c: c.baselines.flat or c.experts.init == "flat", "dmde.run.trainers.train_flat", parallel=True),
+    Stage("flat_wide", ("flat", "groups"), "baselines", ("flat_wide.pt", "flat_wide.jsonl"),
+          lambda c, h: [h["flat"], h["groups"], c.fusion.nway, c.fusion.rank],
+          lambda c: c.baselines.width_matched_flat, "dmde.run.trainers.train_flat", parallel=True),
+    Stage("ensemble", ("flat", "groups"), "baselines", ("ensemble",),
+          lambda c, h: [h["flat"], h["groups"], "ensemble"], lambda c: c.baselines.ensemble,
+          "dmde.run.trainers.train_flat", parallel=True),
+    Stage("early_fusion", ("experts",), "baselines", ("early_fusion.pt",),
+          lambda c, h: [h["experts"], c.baselines.early_fusion_epochs], lambda c: c.baselines.early_fusion,
+          "dmde.run.trainers.train_early_fusion"),
+    # every model of the run is measured: its hash covers every other stage
+    Stage("evaluate", ("ontology", "groups", "experts", "fusion", "finetune", "flat", "flat_wide", "ensemble",
+                       "early_fusion"), "baselines", ("metrics.json", "per_class.csv", "per_class.png"),
+          lambda c, h: [h[s] for s in STAGES[:-1]] + [to_dict(c.baselines)], _always,
+          "dmde.run.evaluate.evaluate_run", shared=False),
+)
+
+BY_NAME = {s.name: s for s in TABLE}
+#: The stages in the order ``dmde train`` runs them (``--until`` takes any of them).
+STAGES = tuple(s.name for s in TABLE)
+#: What each stage leaves in the run directory (removed when the stage must be redone).
+OUTPUTS = {s.name: list(s.outputs) for s in TABLE}
+
+
+def stage_hashes(cfg: RunConfig) -> dict[str, str]:
+    """Hash of each stage's inputs: its own settings plus the hashes of the stages it reads."""
+    h: dict[str, str] = {}
+
+    def visit(name: str) -> str:
+        if name not in h:
+            stage = BY_NAME[name]
+            for dep in stage.reads:
+                visit(dep)
+            h[name] = config_hash(stage.key(cfg, h))
+        return h[name]
+
+    for s in TABLE:
+        visit(s.name)
+    return {s.name: h[s.name] for s in TABLE}
+
+
+def shareable() -> tuple[str, ...]:
+    """The stages a suite row may take from a finished sibling with the same hash."""
+    return tuple(s.name for s in TABLE if s.shared)
+
+
+def describe() -> str:
+    """One line per stage (``dmde train --help``): name, what it reads, its config section."""
+    return "\n".join(f"  {s.name:<13} reads {', '.join(s.reads) or 'the data':<34} [{s.section or '-'}]"
+                     for s in TABLE)

@@ -1,0 +1,212 @@
+"""The stages' work that is not a room's own: the run's task groups (visual tree included), the
+N-way layer and calibration (Eq. 10), end-to-end fine-tuning (Eq. 11) and the baselines' training."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmde.baselines.models import EarlyFusion, flat_model, width_matched_flat
+from dmde.core.checkpoint import save_checkpoint
+from dmde.core.errors import DmdeValueError
+from dmde.core.training import (
+    ImageTensors,
+    OptimConfig,
+    Salt,
+    fit,
+    mix_seed,
+    predict_logits,
+)
+from dmde.experts.backbones import create_backbone
+from dmde.experts.train import uses_cached_trunk
+from dmde.fusion.mixture import Mixture, NWaySoftmax, mixture_loss
+from dmde.fusion.stacking import fit_calibration, group_slots
+from dmde.hierarchy.groups import make_groups
+from dmde.hierarchy.ontology import build_visual_ontology
+from dmde.run.config import FusionConfig, RunConfig
+from dmde.run.prepare import Splits
+from dmde.run.store import expert_similarities, nway_input
+
+
+def n_categories(cfg: RunConfig, n: int) -> int | None:
+    """K of the ontology, checked against the number of classes."""
+    k = cfg.ontology.categories
+    if k is not None and not 1 <= k <= n:
+        raise DmdeValueError(f"ontology.categories={k} must lie in 1..{n} (the number of classes)")
+    return k
+
+
+def make_run_groups(cfg: RunConfig, onto, splits: Splits, wn, run_dir: Path, device: torch.device):
+    """The run's task groups (§IV-A); with ``groups.assignment=visual`` the visual tree first (§V(e))."""
+    g = cfg.groups
+    visual = None
+    if g.assignment == "visual":
+
+        if splits.train.kind == "features":  # the visual tree from the pretrained trunk + body
+            feats = class_mean_features(splits.train, onto.n_classes, cfg.experts.backbone, g.visual_per_class,
+                                        g.seed, device, cfg.experts.backbone_kwargs)
+        else:
+            feats = class_mean_features(splits.train, onto.n_classes, g.visual_backbone, g.visual_per_class,
+                                        g.seed, device)
+        visual = build_visual_ontology(feats.numpy(), onto.classes, onto.lemmas,
+                                       n_categories=onto.n_categories, random_state=g.seed, wn=wn,
+                                       source=f"class-mean {g.visual_backbone} features")
+        visual.to_json(run_dir / "visual_ontology.json")
+    return make_groups(onto, g.size, g.overlap, assignment=g.assignment, random_state=g.seed,
+                       visual_ontology=visual)
+
+
+@torch.no_grad()
+def class_mean_features(data: ImageTensors, n_classes: int, backbone: str, per_class: int, seed: int,
+                        device: torch.device, backbone_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """Mean deep feature of each class (N, d) from a per-class sample: the visual tree's input."""
+    torch.manual_seed(seed)
+    if data.kind == "features":  # cached trunk outputs: the pretrained backbone's body on top
+        net = create_backbone(backbone, **backbone_kwargs).use_cached_trunk().to(device).eval()
+    else:
+        kw = {"pretrained": True} if backbone == "efficientnet_lite0" else {}
+        net = create_backbone(backbone, **kw).to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([m[torch.randperm(m.numel(), generator=g)[:per_class]]
+                     for m in (torch.nonzero(data.targets == c).flatten() for c in range(n_classes))])
+    sub = data.subset(idx)
+    feats = predict_logits(net, sub, device=device)
+    sums = torch.zeros(n_classes, feats.shape[1]).index_add_(0, sub.targets, feats)
+    counts = torch.bincount(sub.targets, minlength=n_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]], n: int,
+                 data: ImageTensors, f: FusionConfig, device: torch.device, progress: bool) -> dict[str, float]:
+    """Train the N-way layer on Υ of the (frozen) experts, computed once (Eq. 10)."""
+    mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, batched=f.batched)
+    mixture.to(device).eval()
+    calibration = {}
+    if f.calibrate != "none":  # T_j (and b_j) on the fusion split, before Eq. 7
+        calibration = calibrate_mixture(mixture, data, bias=f.calibrate == "temperature_bias", device=device,
+                                        progress=progress)
+    ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ")  # (n_img, N)
+    torch.manual_seed(mix_seed(Salt.NWAY_INIT, n))
+    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
+    init = {k: v.clone() for k, v in nway.state_dict().items()}
+    opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
+    g = torch.Generator().manual_seed(mix_seed(Salt.NWAY_ORDER, n))
+    y = data.targets
+    for _ in range(f.epochs):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), f.batch_size):
+            b = order[s : s + f.batch_size]
+            loss = F.cross_entropy(nway(ups[b]), y[b])
+            if f.identity_l2 > 0:  # stay near the initial (identity) map
+                loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in nway.named_parameters())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float((nway(ups).argmax(1) == y).float().mean())
+        acc0 = float((ups.argmax(1) == y).float().mean())
+    metrics = {"fusion_train_acc": acc, "upsilon_train_acc": acc0}
+    save_checkpoint(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics, **calibration})
+    return metrics
+
+
+def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """Fit every expert's temperature (and not-in-group bias) on ``data`` and set them on the
+    mixture (:func:`dmde.fusion.stacking.fit_calibration`); returns them for the fusion checkpoint."""
+    g = len(mixture.experts)
+    logits = predict_logits(lambda x: mixture.padded_logits(x).flatten(1), data, device=device,
+                            progress=progress, desc="calibrate").view(len(data), g, -1)
+    temperature, nig_bias = fit_calibration(logits, group_slots(mixture.layout.to("cpu"), data.targets), bias=bias)
+    mixture.temperature.copy_(temperature)
+    mixture.nig_bias.copy_(nig_bias)
+    return {"temperature": temperature, "nig_bias": nig_bias}
+
+
+def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig, ontology_hash: str,
+             device: torch.device, progress: bool) -> dict[str, Any]:
+    """End-to-end fine-tuning (Eq. 11): the N-way loss into A, every head and every CNN,
+    with each expert's own multi-task terms kept."""
+    sims = expert_similarities(Path(path).parent, len(mixture.experts))
+    e = cfg.experts
+    mixture.to(device)
+    mixture.batched = cfg.fusion.batched_finetune
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        loss, _ = mixture_loss(model, x, y, expert_terms=e.multitask, delta1=e.delta1, delta2=e.delta2,
+                               similarities=sims_dev)
+        return loss, None
+
+    sims_dev = [None if s is None else s.to(device) for s in sims]
+    return fit(mixture, data, cfg.fusion.finetune, loss_fn, path, identity={"ontology_hash": ontology_hash},
+               seed_parts=(Salt.FINETUNE,), device=device, desc="fine-tune", progress=progress, data_parallel=True)
+
+
+def width_matched_model(cfg: RunConfig, n: int, groups, data: ImageTensors) -> tuple[nn.Module, dict[str, Any]]:
+    """A flat model as costly per image as the whole mixture (experts, heads, N-way layer)."""
+    e = cfg.experts
+    if uses_cached_trunk(e):
+        raise DmdeValueError("baselines.width_matched_flat needs a backbone with a width option "
+                             "(small_cnn, alexnet), not a cached pretrained trunk")
+    sizes = [len(g) for g in groups.groups]
+    torch.manual_seed(mix_seed(e.seed, Salt.FLAT_WIDE))
+    m = width_matched_flat(e.backbone, len(sizes), n, int(round(sum(sizes) / len(sizes))),
+                           input_shape=tuple(data.inputs.shape[1:]), nway_kind=cfg.fusion.nway, rank=cfg.fusion.rank,
+                           **e.backbone_kwargs)
+    return m.model, {"width_arg": m.width_arg, "width": m.width, "macs": m.macs, "mixture_macs": m.target_macs}
+
+
+def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_hash: str, device: torch.device,
+               progress: bool, model: nn.Module | None = None, extra: dict[str, Any] | None = None,
+               member: int = 0) -> dict[str, Any]:
+    """The flat baseline ("AlexNet Extension"): the experts' backbone with one N-way softmax.
+    ``member`` k > 0: the k-th flat model of the ensemble baseline (its own initial weights and
+    data order; member 0 is the flat model itself)."""
+    seeds = (Salt.FLAT,) if member == 0 else (Salt.FLAT, member)
+    if model is None:
+        torch.manual_seed(mix_seed(cfg.experts.seed, *seeds))
+        model = flat_model(cfg.experts, n)
+    model = model.to(device)
+    ocfg = OptimConfig(**{f.name: getattr(cfg.experts, f.name) for f in dataclasses.fields(OptimConfig)})
+    if cfg.baselines.epochs is not None:
+        ocfg.epochs = cfg.baselines.epochs
+
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(x)
+        return F.cross_entropy(logits, y), logits
+
+    return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
+               extra_state=(lambda: dict(extra)) if extra else None,
+               seed_parts=seeds, device=device, desc=path.stem, progress=progress, data_parallel=True)
+
+
+def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,
+                       device: torch.device, progress: bool) -> dict[str, float]:
+    """Early fusion (Table IV): one N-way layer on the experts' concatenated features."""
+    torch.manual_seed(mix_seed(Salt.EARLY_FUSION_INIT, n))
+    model = EarlyFusion(list(experts), n).to(device).eval()
+    feats = predict_logits(lambda x: torch.cat([e.features(x) for e in model.experts], 1), data, device=device,
+                           progress=progress, desc="features")
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    lin = nn.Linear(z.shape[1], n)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(mix_seed(Salt.EARLY_FUSION_ORDER, n))
+    for _ in range(cfg.baselines.early_fusion_epochs):
+        order = torch.randperm(len(z), generator=g)
+        for s in range(0, len(z), 256):
+            b = order[s : s + 256]
+            loss = F.cross_entropy(lin(z[b]), data.targets[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():  # fold the standardisation into the layer
+        w = lin.weight / sd
+        model.classifier.weight.copy_(w)
+        model.classifier.bias.copy_(lin.bias - w @ mu)
+    save_checkpoint(path, {"kind": "early_fusion", "model": model.classifier.state_dict()})
+    return {}
