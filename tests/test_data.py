@@ -356,6 +356,16 @@ def test_random_crop_with_padding_shape_and_content():
     assert T.random_crop_with_padding(u8, 1, g, mode="reflect").dtype == torch.uint8
 
 
+def test_center_crop_resize_keeps_the_aspect_ratio():
+    x = torch.zeros(3, 20, 40)
+    x[:, :, 10:30] = 1.0  # the centred 20×20 window is all ones, the sides zeros
+    y = T.center_crop_resize(x, 10)
+    assert y.shape == (3, 10, 10) and torch.allclose(y, torch.ones(3, 10, 10))
+    tall = T.center_crop_resize(x.transpose(1, 2), (10, 10))  # 40×20: crops rows instead
+    assert torch.allclose(tall, torch.ones(3, 10, 10))
+    assert torch.equal(T.center_crop_resize(x[:, :, :20], 20), x[:, :, :20])  # already the shape: as is
+
+
 def test_normalize_and_resize():
     x = torch.full((2, 3, 4, 4), 0.5)
     z = T.normalize(x, (0.5, 0.25, 0.0), (0.5, 0.25, 0.5))

@@ -288,6 +288,32 @@ def test_predict_names_a_missing_or_corrupt_file(finished_run, tmp_path, capsys)
     assert "nope.png" in capsys.readouterr().err
 
 
+def test_predict_on_directories_and_globs_skipping_a_corrupt_file(finished_run, tmp_path, capsys):
+    run, _, _ = finished_run
+    from dmde.data.synthetic import synthetic_images
+
+    x, _ = synthetic_images(10, 1, size=12, seed=5)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")  # not an image file: not listed
+    pred = dmde.load(run)
+    direct = pred.predict([str(folder / f"{i}.png") for i in range(3)], top_k=2)
+    assert pred.predict([str(folder)], top_k=2) == direct
+    assert pred.predict([str(folder / "*.png")], top_k=2) == direct
+    (folder / "1.png").write_bytes(b"\x89PNG broken")
+    got = pred.predict([str(folder)], top_k=2, on_corrupt="skip")
+    assert got[0] == direct[0] and got[1] is None and got[2] == direct[2]
+    assert len(pred.skipped) == 1 and "1.png" in pred.skipped[0][0]
+    assert main(["predict", str(run), str(folder), "--skip-corrupt", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out)] == [str(folder / "0.png"), str(folder / "2.png")]
+    assert "skipped" in err and "1.png" in err
+    assert main(["predict", str(run), str(tmp_path / "none-*.png")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
 def test_bad_config_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "groups.overlap=1.5", "data.dataset=synthetic",
                  "progress=false"]) == 2

@@ -233,7 +233,6 @@ def width_matched_flat(
 
     base_width = backbone_kw.get(arg)
     if base_width is None:
-
         base_width = inspect.signature(_REGISTRY[backbone_name]).parameters[arg].default
     integer = isinstance(base_width, int)
     b_macs, d = macs(base_width)

@@ -94,6 +94,19 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
+def center_crop_resize(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """Keep the aspect ratio: crop the largest centred window of the target's shape, then
+    :func:`resize` it to ``size`` (a 20×40 image for 16×16 loses 10 columns each side, not its shape)."""
+    h, w = _pair(size)
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    if H * w > W * h:  # too tall for the target's shape
+        ch, cw = max(1, round(W * h / w)), W
+    else:
+        ch, cw = H, max(1, round(H * w / h))
+    top, left = (H - ch) // 2, (W - cw) // 2
+    return resize(x[..., top : top + ch, left : left + cw], (h, w))
+
+
 def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
     """Bilinear resize with antialiasing (for shrinking) to ``size``; keeps the dtype (uint8 is rounded)."""
     h, w = _pair(size)

@@ -191,7 +191,6 @@ def train_expert(
     torch.manual_seed(mix_seed(cfg.seed, j, Salt.EXPERT_INIT))  # initial weights depend on (seed, j) only
     expert = build_expert(cfg, len(group))
     if cfg.init == "flat":
-
         if init_from is None:
             raise DmdeValueError("experts.init=flat needs the trained flat model (baselines stage 'flat')")
         init_from_flat(expert, init_from, group)

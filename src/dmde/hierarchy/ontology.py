@@ -47,20 +47,7 @@ from dmde.hierarchy.spectral import (
     visual_affinity,
 )
 
-__all__ = [
-    "EXACT_EIGH_MAX_N",
-    "Category",
-    "Ontology",
-    "OntologyBuilder",
-    "build_semantic_ontology",
-    "build_visual_ontology",
-    "default_n_categories",
-    "default_n_components",
-    "left_to_right_order",
-    "spectral_categories",
-    "spectral_embedding",
-    "visual_affinity",
-]
+__all__ = ["Category", "Ontology", "OntologyBuilder", "build_semantic_ontology", "build_visual_ontology"]
 
 
 ONTOLOGY_FORMAT = "dmde-ontology"

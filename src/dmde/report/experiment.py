@@ -253,7 +253,6 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
             ys.append(100 * m), es.append(100 * sd)
     L.append("")
     if len(lam_rows) > 1:
-
         paper = [PAPER["table3"].get(round(x, 1), (float("nan"),))[0] for x in xs]
         plot_curves(xs, {**curves, "paper (ImageNet-10K)": (paper, None)}, rep / f"{regime}_accuracy_vs_lambda.png",
                     "overlap λ", "top-1 (%)", "Top-1 against λ (Fig. 14)")
@@ -355,7 +354,6 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
     else:
         L.append("| multi-task > without | | | – | not measured (row missing) |")
     if len(lam_rows) > 2:
-
         lam = np.array([x for x, _ in lam_rows])
         top = np.array([mean_std(rr.values(_final(rr), "top1").values())[0] for _, rr in lam_rows])
         slope = float(np.polyfit(lam, 100 * top, 1)[0])

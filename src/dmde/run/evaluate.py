@@ -271,7 +271,6 @@ def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, 
                   progress: bool, out: Path) -> dict[str, Any]:
     onto = Ontology.from_json(run_dir / "ontology.json")
     if data is None:
-
         splits = prepare_splits(cfg, WordNet.load(cfg.ontology.wordnet), progress=progress, cache_dir=run_dir,
                                 device=device)
         data = splits.align(onto.positions_or(splits.classes)).holdout

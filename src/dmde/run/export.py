@@ -68,7 +68,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, model: str | 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-
         state = {k: v.detach().cpu().contiguous().clone() for k, v in pred.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "model": name})
         for f in ("config.yaml", "ontology.json", "groups.json"):
@@ -128,7 +127,6 @@ def build_model(meta: dict[str, Any], cfg: Any, n_classes: int, groups: list[lis
             ecfg.backbone_kwargs = _no_download(ecfg.backbone_kwargs)
             experts.append(build_expert(ecfg, len(e["group"])))
         if name == "early_fusion":
-
             return EarlyFusion(experts, n_classes)
         # the run's own constructor; an export holds no fusion.pt / mixture.pt, so nothing is loaded here
         return build_mixture(path, cfg, experts, groups, n_classes, "upsilon" if name == "mixture_upsilon" else "fusion")

@@ -214,7 +214,6 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
 
     # ---- evaluation
     if want("evaluate") and not run.is_done("evaluate", hashes["evaluate"]):
-
         run.begin("evaluate", hashes["evaluate"])
         evaluate_run(run.dir, data=splits.holdout, device=device, progress=progress)
         run.finish("evaluate")

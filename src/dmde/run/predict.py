@@ -1,13 +1,17 @@
 """Prediction with a trained run: ``dmde.load(run_dir).predict(images)``.
 
-Images are files (any Pillow format, any mode), PIL images, numpy arrays (H, W[, C]) or uint8 /
-float tensors (3, H, W); each is
-resized to the run's input size, normalised like the training data, and scored by the run's
-best model (the fine-tuned mixture when present, else the mixture with its N-way layer, else
-argmax Υ, else the flat baseline).
+Images are files (any Pillow format, any mode), directories (their image files, sorted), glob
+patterns (``photos/*.jpg``), PIL images, numpy arrays (H, W[, C]) or uint8 / float tensors
+(3, H, W). Each is brought to the run's input size keeping its aspect ratio (the largest centred
+window of the input's shape, then resized: :func:`dmde.core.transforms.center_crop_resize`),
+normalised like the training data, and scored by the run's best model (the fine-tuned mixture
+when present, else the mixture with its N-way layer, else argmax Υ, else the flat baseline). A
+corrupt file stops the batch with its name, or with ``on_corrupt="skip"`` is reported and
+skipped (its result is ``None``).
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +25,8 @@ from dmde.core.config import from_dict
 from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.core.io import read_json
 from dmde.core.training import ImageTensors, as_model_input
-from dmde.core.transforms import resize
-from dmde.data.files import decode_image, pil_to_tensor
+from dmde.core.transforms import center_crop_resize
+from dmde.data.files import IMAGE_EXTENSIONS, decode_image, pil_to_tensor
 from dmde.experts.train import ExpertsConfig
 from dmde.fusion.stacking import LOG_VARIANTS
 from dmde.hierarchy.ontology import Ontology
@@ -84,7 +88,6 @@ class Predictor:
 
     def _load(self, image: Any) -> torch.Tensor:
         if isinstance(image, Image.Image):
-
             image = pil_to_tensor(image)
         elif isinstance(image, np.ndarray):  # as np.asarray(PIL image) gives: (H, W) or (H, W, C)
             if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
@@ -102,20 +105,20 @@ class Predictor:
                 x = x.expand(3, -1, -1)
             x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
         else:
-
             p = Path(image)
             if not p.is_file():
                 raise DmdeFileError(f"image {p} does not exist")
             x = decode_image(p.read_bytes(), str(p)).float().div_(255.0)
         if tuple(x.shape[-2:]) != self.image_size:
-            x = resize(x, self.image_size)
+            x = center_crop_resize(x, self.image_size)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std
 
     @torch.no_grad()
     def scores(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities (B, N) in the ontology's order."""
+        """Class probabilities (B, N) in the ontology's order (directories and globs expanded)."""
+        images = expand_images(images)
         out = []
         for s in range(0, len(images), batch_size):
             x = torch.stack([self._load(im) for im in images[s : s + batch_size]]).to(self.device)
@@ -126,12 +129,55 @@ class Predictor:
                 out.append(torch.softmax(y, 1))
         return torch.cat(out)
 
-    def predict(self, images: Sequence[Any], top_k: int = 5) -> list[list[Prediction]]:
-        """The ``top_k`` classes of every image, best first."""
+    def predict(self, images: Sequence[Any], top_k: int = 5,
+                on_corrupt: str = "raise") -> list[list[Prediction] | None]:
+        """The ``top_k`` classes of every image, best first, one list per image after directories
+        and globs are expanded (:func:`expand_images` gives the same order). ``on_corrupt="skip"``:
+        an image that cannot be read gets ``None`` and is listed in ``self.skipped`` with why."""
         if top_k < 1:
             raise DmdeValueError(f"top-k must be at least 1, got {top_k}")
-        probs = self.scores(list(images))
+        if on_corrupt not in ("raise", "skip"):
+            raise DmdeValueError(f"on_corrupt={on_corrupt!r} is not one of raise, skip")
+        images = expand_images(images)
+        self.skipped: list[tuple[Any, str]] = []
+        good = []
+        for i, im in enumerate(images):
+            if on_corrupt == "skip" and isinstance(im, (str, os.PathLike)):
+                try:
+                    self._load(im)
+                except (DmdeFileError, DmdeValueError) as exc:
+                    self.skipped.append((im, str(exc)))
+                    continue
+            good.append(i)
+        probs = self.scores([images[i] for i in good]) if good else torch.empty(0, len(self.classes))
         k = min(top_k, probs.shape[1])
         val, idx = probs.topk(k, dim=1)
-        return [[Prediction(self.classes[i], self.lemmas[i], float(v)) for v, i in zip(vr.tolist(), ir.tolist())]
-                for vr, ir in zip(val, idx)]
+        out: list[list[Prediction] | None] = [None] * len(images)
+        for i, vr, ir in zip(good, val, idx):
+            out[i] = [Prediction(self.classes[c], self.lemmas[c], float(v)) for v, c in zip(vr.tolist(), ir.tolist())]
+        return out
+
+
+def expand_images(images: Sequence[Any]) -> list[Any]:
+    """Paths as given, a directory as its image files (sorted), a glob pattern as its matches
+    (sorted); PIL images, arrays and tensors as they are. A pattern or directory with no image is
+    an error naming it."""
+    out: list[Any] = []
+    for im in images:
+        if not isinstance(im, (str, os.PathLike)):
+            out.append(im)
+            continue
+        p = Path(im)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DmdeFileError(f"directory {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            out += [str(f) for f in files]
+        elif not p.exists() and any(c in str(im) for c in "*?["):
+            files = sorted(glob.glob(str(im)))
+            if not files:
+                raise DmdeFileError(f"no file matches {im}")
+            out += files
+        else:
+            out.append(im)
+    return out

@@ -61,7 +61,6 @@ def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
             raise DmdeValueError("data.root must point at an ImageFolder directory (<root>/<class>/<image>)")
         return D.ImageFolder(cfg.root, on_corrupt=cfg.on_corrupt)
     if cfg.dataset == "synthetic":
-
         classes = list(cfg.classes or D.fashion_mnist_wnids())
         images, targets = synthetic_images(len(classes), cfg.synthetic_per_class, size=cfg.image_size or 16,
                                            seed=cfg.seed + (0 if split == "train" else 7919))
@@ -115,7 +114,6 @@ def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Split
 
     skipped = int(getattr(mem, "skipped", 0))
     if skipped:
-
         warnings.warn(f"{skipped} corrupt image(s) skipped (data.on_corrupt=skip)", stacklevel=2)
     return Splits(classes, part(rest), part(fusion), part(hold), skipped)
 
@@ -153,7 +151,6 @@ def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Pa
     key = config_hash([to_dict(cfg.data), cfg.experts.backbone, cfg.experts.backbone_kwargs])
     path = cache_dir / f"trunk_{key}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
-
         st = load_checkpoint(path)
         parts = [ImageTensors(st[f"{n}_inputs"], st[f"{n}_targets"], "features", mean, std)
                  for n in ("train", "fusion", "holdout")]
@@ -161,7 +158,6 @@ def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Pa
     trunk = trunk_module(cfg.experts).to(device)
     parts = [to_trunk_features(p, trunk, device, progress) for p in (splits.train, splits.fusion, splits.holdout)]
     if path is not None:
-
         save_checkpoint(path, {f"{n}_{k}": getattr(p, k) for n, p in zip(("train", "fusion", "holdout"), parts)
                                for k in ("inputs", "targets")})
     return Splits(splits.classes, *parts, splits.skipped)
@@ -218,7 +214,6 @@ def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> t
     mem = materialize(ds, size=tuple(info["image_size"]), progress=False)
     classes = list(mem.classes)
     if not is_tiny:
-
         cfg = load_config(RunConfig, run_dir / "config.yaml")
         classes = class_wnids(classes, WordNet.load(cfg.ontology.wordnet))
     lut = torch.as_tensor(onto.positions_or(classes))

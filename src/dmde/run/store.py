@@ -167,7 +167,6 @@ def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") 
             fresh = load_experts(run_dir, onto, groups, cfg.experts)  # fine-tuning changed the experts: own copies
             models["mixture"] = build_mixture(run_dir, cfg, fresh, groups.groups, n, stage="finetune")
         if (run_dir / "early_fusion.pt").exists():
-
             ef = EarlyFusion(experts, n)
             ef.classifier.load_state_dict(load_checkpoint(run_dir / "early_fusion.pt")["model"])
             models["early_fusion"] = ef
@@ -176,7 +175,6 @@ def load_models(run_dir: str | os.PathLike, device: torch.device | str = "cpu") 
             models[name] = _load_flat(run_dir / f"{name}.pt", cfg, onto)
     members = sorted((run_dir / "ensemble").glob("flat_*.pt")) if "flat" in models else []
     if members and _stage_done(run_dir, "ensemble"):
-
         models["flat_ensemble"] = FlatEnsemble([models["flat"]] + [_load_flat(p, cfg, onto) for p in members])
     for m in models.values():
         m.to(device).eval()

@@ -45,7 +45,6 @@ def make_run_groups(cfg: RunConfig, onto, splits: Splits, wn, run_dir: Path, dev
     g = cfg.groups
     visual = None
     if g.assignment == "visual":
-
         if splits.train.kind == "features":  # the visual tree from the pretrained trunk + body
             feats = class_mean_features(splits.train, onto.n_classes, cfg.experts.backbone, g.visual_per_class,
                                         g.seed, device, cfg.experts.backbone_kwargs)
