@@ -216,6 +216,45 @@ def test_evaluate_on_an_image_folder(finished_run, tmp_path, capsys):
     assert (tmp_path / "ev" / "metrics.json").exists()
 
 
+def test_evaluate_on_tiny_imagenets_val_alone_and_fashion_mnists_test_files(finished_run, tmp_path, capsys):
+    """What users hold: the official val/ directory without wnids.txt (the run knows its classes;
+    images of other classes are left out and counted), and Fashion-MNIST's own t10k files."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from dmde.data.synthetic import synthetic_images
+
+    run, _, _ = finished_run
+    wnids = json.loads((run / "data.json").read_text())["classes"]
+    x, y = synthetic_images(10, 2, size=12, seed=7)
+    val = tmp_path / "val"
+    (val / "images").mkdir(parents=True)
+    lines = []
+    for i, (img, t) in enumerate(zip(x, y)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(val / "images" / f"val_{i}.png")
+        lines.append(f"val_{i}.png\t{wnids[int(t)]}\t0\t0\t11\t11")
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(val / "images" / "val_x.png")
+    lines.append("val_x.png\tn09999999\t0\t0\t11\t11")  # a class the run does not have
+    (val / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", str(run), "--data", str(val), "--json", "--out", str(tmp_path / "ev1")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mixture"]["n_images"] == 20 and "1 images of classes outside" in err + out
+
+    def idx(path, arr):
+        header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        with gzip.open(path, "wb") as fh:
+            fh.write(header + arr.astype(np.uint8).tobytes())
+
+    fm = tmp_path / "fashion"
+    fm.mkdir()
+    idx(fm / "t10k-images-idx3-ubyte.gz", x[:, 0].numpy())  # 28×28 in the real files; any size reads
+    idx(fm / "t10k-labels-idx1-ubyte.gz", y.numpy())
+    assert main(["evaluate", str(run), "--data", str(fm), "--json", "--out", str(tmp_path / "ev2")]) == 0
+    assert json.loads(capsys.readouterr().out)["mixture"]["n_images"] == 20
+
+
 def test_predict_api_and_command(finished_run, tmp_path, capsys):
     run, _, _ = finished_run
     from dmde.data.synthetic import synthetic_images

@@ -162,3 +162,17 @@ def test_real_parse_time(real_wordnet_dir):
     t = time.perf_counter()
     WordNet.from_data_noun(Path(real_wordnet_dir) / "data.noun")
     assert time.perf_counter() - t < 10.0  # ~0.5 s measured; generous for a shared CPU
+
+
+def test_an_ambiguous_class_name_lists_its_senses(real_wordnet_dir):
+    """A dataset's class folder `crane` must not silently become the bird: one error listing the
+    senses; `crane.n.02` or the WNID picks one."""
+    from dmde.run.prepare import class_wnids
+
+    wn = WordNet.load(str(real_wordnet_dir))
+    assert len(wn.senses("crane")) >= 2
+    with pytest.raises(DmdeValueError, match=r"class 'crane' has \d+ noun senses in WordNet: crane.n.01 = n\d{8}"):
+        class_wnids(["crane"], wn)
+    second = wn.wnid(wn.senses("crane")[1])
+    assert class_wnids(["crane.n.02", second], wn) == [second, second]
+    assert class_wnids(["zebra"], wn) == [wn.wnid(wn.resolve("zebra"))]  # one sense: fine

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         data, skipped = external_eval_data(args.run, args.data)
         out = out or str(Path(args.run) / f"eval-{Path(args.data).stem}")
         if skipped:
-            print(f"note: {skipped} images of classes outside the run's ontology were left out")
+            print(f"note: {skipped} images of classes outside the run's ontology were left out", file=sys.stderr)
     metrics = evaluate_run(args.run, data=data, device=args.device, out_dir=out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(metrics, indent=1))

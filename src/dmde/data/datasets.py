@@ -202,17 +202,25 @@ class TinyImageNet(_FileDataset):
         split: str = "train",
         transform: Transform | None = None,
         on_corrupt: str = "raise",
+        classes: Sequence[str] | None = None,
     ) -> None:
+        """``classes``: the class list to label by (a trained run's), instead of ``wnids.txt``;
+        validation images of other classes are then left out (``self.left_out`` counts them)."""
         if split not in ("train", "val"):
             raise DmdeValueError(f"Tiny-ImageNet split must be 'train' or 'val', got {split!r}")
         self.root, self.split = Path(root), split
+        self.left_out = 0
         if self.root.is_file():
             source, names, prefix = self._zip_layout(self.root)
         elif self.root.is_dir():
             source, names, prefix = self._dir_layout(self.root)
         else:
             raise DmdeFileError(f"Tiny-ImageNet root {self.root} does not exist")
-        classes = self._classes(source, names, prefix)
+        self._skip_unknown = classes is not None and split == "val"
+        if classes is not None:
+            self.classes_file, classes = None, list(classes)
+        else:
+            classes = self._classes(source, names, prefix)
         if split == "train":
             files, targets = self._train_samples(source, names, prefix, classes)
         else:
@@ -236,6 +244,8 @@ class TinyImageNet(_FileDataset):
 
     @staticmethod
     def _dir_layout(root: Path) -> tuple[_DirSource, list[str], str]:
+        if root.name == "val" and (root / "val_annotations.txt").is_file():  # the val/ directory itself
+            return _DirSource(root.parent), [], ""
         if not (root / "train").is_dir() and not (root / "val").is_dir():
             if (root / "tiny-imagenet-200").is_dir():
                 root = root / "tiny-imagenet-200"
@@ -317,6 +327,9 @@ class TinyImageNet(_FileDataset):
             if len(fields) < 2:
                 raise DmdeValueError(f"{where}:{lineno}: expected 'file<TAB>wnid<TAB>x0 y0 x1 y1'")
             fname, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in index and self._skip_unknown:
+                self.left_out += 1
+                continue
             if wnid not in index:
                 raise DmdeValueError(
                     f"{where}:{lineno}: WNID {wnid} is not one of the {len(classes)} classes"

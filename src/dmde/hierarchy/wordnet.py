@@ -253,6 +253,23 @@ class WordNet:
             self._senses = senses
         return self._senses
 
+    def senses(self, lemma: str) -> list[int]:
+        """Every noun synset of ``lemma`` (``crane``: the bird, the machine, …), in WordNet's order."""
+        return list(self._sense_lists().get(lemma.strip().lower().replace(" ", "_"), []))
+
+    def resolve_unambiguous(self, text: str) -> int:
+        """:meth:`resolve`, but a bare lemma with several noun senses is an error that lists them
+        (a dataset's class folder must not silently become the first sense)."""
+        t = text.strip()
+        if not _WNID_RE.fullmatch(t) and not _NLTK_NAME_RE.fullmatch(t):
+            found = self.senses(t)
+            if len(found) > 1:
+                listed = "; ".join(f"{t}.n.{k:02d} = {self.wnid(i)} ({', '.join(self.lemmas(i)[:3])})"
+                                   for k, i in enumerate(found[:6], 1))
+                raise DmdeValueError(f"class {t!r} has {len(found)} noun senses in WordNet: {listed}"
+                                     f"{'; …' if len(found) > 6 else ''}: name it by its WNID or as {t}.n.NN")
+        return self.resolve(t)
+
     def resolve(self, text: str) -> int:
         """Index of a WNID (``n02084071``), a lemma (``dog``: its first sense) or ``dog.n.01``."""
         t = text.strip()

@@ -69,10 +69,11 @@ def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
 
 
 def class_wnids(classes: Sequence[str], wn: Any) -> list[str]:
-    """Dataset class names → WNIDs (ImageFolder may name its classes by lemma)."""
+    """Dataset class names → WNIDs (ImageFolder may name its classes by lemma, or as ``crane.n.02``;
+    a lemma with several noun senses is an error listing them)."""
     out = []
     for c in classes:
-        out.append(c if re.fullmatch(r"n\d{8}", c) else wn.wnid(wn.resolve(c)))
+        out.append(c if re.fullmatch(r"n\d{8}", c) else wn.wnid(wn.resolve_unambiguous(c)))
     return out
 
 
@@ -200,20 +201,30 @@ def load_splits_shape(cfg: RunConfig) -> tuple[int, int]:
 
 
 def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> tuple[ImageTensors, int]:
-    """A dataset given by path (Tiny-ImageNet's official ``val/`` layout or zip, or an
-    ImageFolder), decoded at the run's input size and labelled by the run's ontology positions.
-    Returns the data and how many images belonged to classes the ontology does not have."""
+    """A dataset given by path, decoded at the run's input size and labelled by the run's ontology
+    positions: Tiny-ImageNet's official validation split (its root, its zip, or the ``val/``
+    directory alone: the run knows its classes, no ``wnids.txt`` needed), Fashion-MNIST's own test
+    files (the directory holding ``t10k-*-ubyte[.gz]``), or an ImageFolder. Returns the data and
+    how many images belonged to classes the ontology does not have."""
     run_dir, path = Path(run_dir), Path(path)
     info = read_json(run_dir / "data.json", "run data summary")
     onto = Ontology.from_json(run_dir / "ontology.json")
     if not path.exists():
         raise DmdeFileError(f"evaluation data {path} does not exist")
-    is_tiny = path.suffix == ".zip" or any((path / p).exists() for p in ("val/val_annotations.txt",
-                                                                         "tiny-imagenet-200/val"))
-    ds = D.TinyImageNet(path, split="val") if is_tiny else D.ImageFolder(path)
+    is_tiny = path.suffix == ".zip" or any((path / p).exists() for p in (
+        "val/val_annotations.txt", "tiny-imagenet-200/val", "val_annotations.txt"))
+    is_fashion = any((path / f"t10k-images-idx3-ubyte{z}").is_file() for z in (".gz", ""))
+    left_out = 0
+    if is_tiny:
+        ds = D.TinyImageNet(path, split="val", classes=info["classes"])
+        left_out = ds.left_out
+    elif is_fashion:
+        ds = D.FashionMNIST(path, split="test")
+    else:
+        ds = D.ImageFolder(path)
     mem = materialize(ds, size=tuple(info["image_size"]), progress=False)
     classes = list(mem.classes)
-    if not is_tiny:
+    if not (is_tiny or is_fashion):
         cfg = load_config(RunConfig, run_dir / "config.yaml")
         classes = class_wnids(classes, WordNet.load(cfg.ontology.wordnet))
     lut = torch.as_tensor(onto.positions_or(classes))
@@ -225,4 +236,4 @@ def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> t
     data = ImageTensors(mem.images[keep], y[keep], mean=tuple(info["mean"]), std=tuple(info["std"]))
     if info.get("trunk"):
         data = to_trunk_features(data, trunk_module(from_dict(ExpertsConfig, info["trunk"])))
-    return data, int((~keep).sum())
+    return data, int((~keep).sum()) + left_out
