@@ -397,10 +397,10 @@ def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):
 
     x, y = synthetic_images(2, 5, size=8, seed=0)
     for i, (img, t) in enumerate(zip(x, y)):
-        d = tmp_path / ("dog" if int(t) == 0 else "n02121808")  # a lemma and a WNID as class names
+        d = tmp_path / ("dog.n.01" if int(t) == 0 else "n02121808")  # a sense and a WNID as class names
         d.mkdir(exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
-    (tmp_path / "dog" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "dog.n.01" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     wn = WordNet.load()
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), holdout_per_class=1)
     with pytest.raises(CorruptImageError, match="zz_broken.png"):
@@ -409,5 +409,5 @@ def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):
     with pytest.warns(UserWarning, match="1 corrupt"):
         splits = load_splits(cfg, wn, progress=False)
     assert splits.skipped == 1
-    assert splits.classes == ["n02084071", "n02121808"]  # 'dog' resolved to its WNID
+    assert splits.classes == ["n02084071", "n02121808"]  # 'dog.n.01' resolved to its WNID
     assert len(splits.train) + len(splits.holdout) == 10
