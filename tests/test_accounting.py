@@ -155,6 +155,7 @@ def test_budget_equal_steps():
     assert budget_epochs(ExpertsConfig(epochs=0, budget="flat_steps"), 450, 1000).epochs == 0
 
 
+@pytest.mark.slow
 def test_pipeline_warm_start_ensemble_and_accounting(tmp_path, real_wordnet_dir):
     """The whole pipeline with the warm start, equal steps, calibration, the product of the experts
     (its N-way layer on the log score, its fine-tuning) and the ensemble."""

@@ -1,7 +1,11 @@
 """`dmde demo` on a tiny configuration: every stage tells what it did, then the table and the next steps."""
 from __future__ import annotations
 
+import pytest
+
 from dmde.cli.main import main
+
+pytestmark = pytest.mark.slow  # runs the demo's pipeline
 
 TINY = ["data.dataset=synthetic", "data.image_size=12", "data.synthetic_per_class=30", "data.max_per_class=null",
         "data.holdout_per_class=6", "data.fusion_per_class=4", "experts.epochs=2", "experts.batch_size=16",

@@ -14,7 +14,7 @@ import yaml
 
 from dmde.core.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # starts torchrun ranks
 
 CONFIG = {
     "data": {"dataset": "synthetic", "image_size": 12, "synthetic_per_class": 20, "holdout_per_class": 4},

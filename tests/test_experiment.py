@@ -10,6 +10,8 @@ from dmde.cli.main import main
 from dmde.report.results import verdict
 from dmde.report.suite import load_suite, plan, row_config
 
+pytestmark = pytest.mark.slow  # runs a suite
+
 # On top of the suite's own --quick overrides: tiny synthetic images (10 classes), ~1 s per run.
 TINY = ["data.dataset=synthetic", "data.image_size=12", "data.synthetic_per_class=20", "data.holdout_per_class=5",
         "data.fusion_per_class=3", "groups.size=4", "ontology.categories=3", "experts.backbone=small_cnn",

@@ -125,3 +125,21 @@ def test_no_module_is_a_hub():
     said = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     big = [p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*.py") if len(p.read_text().splitlines()) > 400]
     assert [m for m in big if f"`{m}`" not in said] == []
+
+
+def test_reading_a_run_never_imports_the_orchestrator():
+    """Evaluation, prediction, export, `dmde.load` and the report read runs through the run-directory
+    store (dmde.run.store); only `dmde train`'s own modules drive dmde.run.pipeline."""
+    readers = ["dmde.run.store", "dmde.run.evaluate", "dmde.run.predict", "dmde.run.export", "dmde",
+               "dmde.report.experiment", "dmde.report.results", "dmde.report.suite", "dmde.report.narrate"]
+    mods = _modules()
+
+    def reach(name: str, seen: set[str]) -> set[str]:
+        for mod, local, _ in _imports(mods[name]):
+            for m in (mod, mod.rsplit(".", 1)[0]):
+                if m in mods and m not in seen:
+                    seen.add(m)
+                    reach(m, seen)
+        return seen
+
+    assert {r: "dmde.run.pipeline" in reach(r, set()) for r in readers} == {r: False for r in readers}

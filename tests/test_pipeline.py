@@ -17,6 +17,8 @@ from dmde.core.config import load_config
 from dmde.run.config import RunConfig
 from dmde.run.pipeline import train
 
+pytestmark = pytest.mark.slow  # trains whole runs
+
 TINY = {
     "data": {"dataset": "synthetic", "image_size": 12, "synthetic_per_class": 30, "holdout_per_class": 6,
              "fusion_per_class": 4, "seed": 0},

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dmde.report.experiment import write_report
-    from dmde.report.suite import load_suite, run_suite
+    from dmde.report.runner import run_suite
+    from dmde.report.suite import load_suite
 
     suite = load_suite(args.suite)
     regimes = args.regime or ["pretrained"]
