@@ -413,3 +413,15 @@ def test_image_folder_with_a_corrupt_file(tmp_path, real_wordnet_dir):
     assert splits.skipped == 1
     assert splits.classes == ["n02084071", "n02121808"]  # 'dog.n.01' resolved to its WNID
     assert len(splits.train) + len(splits.holdout) == 10
+
+
+def test_train_prints_one_line_per_epoch_without_progress_bars(tmp_path, capsys, real_wordnet_dir):
+    _, path = tiny_config(tmp_path, experts={"epochs": 2})
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r"), "--no-progress", "--until", "experts"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [ln for ln in err if " epoch " in ln]
+    assert len(lines) == 5 * 2  # five experts, two epochs each, one line per epoch
+    assert lines[0].startswith("expert 0 epoch 1/2: loss ") and "img/s" in lines[0]
+    import logging
+
+    assert logging.getLogger("dmde").handlers == []  # the command's handler is gone after it

@@ -62,11 +62,12 @@ class _StderrHandler(logging.StreamHandler):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("train", "train-experts", "experiment") and not logging.getLogger("dmde").handlers:
-        handler = _StderrHandler()  # one line per epoch, even with --no-progress
+    logger, handler = logging.getLogger("dmde"), None
+    if args.command in ("train", "train-experts", "experiment"):  # one line per epoch, even with --no-progress
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("dmde").addHandler(handler)
-        logging.getLogger("dmde").setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         if args.command not in ("ontology", "groups", "export"):  # the commands that run torch
             from dmde.core.threads import configure_threads
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dmde: interrupted", file=sys.stderr)
         return 130
+    finally:  # the command's own: a caller running commands in-process keeps its logging as it was
+        if handler is not None:
+            logger.removeHandler(handler)
     return int(result or 0)
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dmde.core.config import from_dict
-from dmde.core.errors import DmdeFileError, DmdeValueError
+from dmde.core.errors import DmdeError, DmdeFileError, DmdeValueError
 from dmde.core.io import read_json
 from dmde.core.training import ImageTensors, as_model_input
 from dmde.core.transforms import center_crop_resize
@@ -145,7 +145,7 @@ class Predictor:
             if on_corrupt == "skip" and isinstance(im, (str, os.PathLike)):
                 try:
                     self._load(im)
-                except (DmdeFileError, DmdeValueError) as exc:
+                except DmdeError as exc:  # missing, unreadable, corrupt
                     self.skipped.append((im, str(exc)))
                     continue
             good.append(i)
