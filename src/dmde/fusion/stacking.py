@@ -366,7 +366,7 @@ def expected_calibration_error(prob: Tensor, outcome: Tensor, bins: int = 15) ->
     p = prob.double().clamp(0, 1)
     o = outcome.double()
     which = (p * bins).long().clamp(max=bins - 1)
-    n = torch.bincount(which, minlength=bins).double()
+    # Σ_b (n_b / n)·|mean p_b − mean o_b| = Σ_b |Σ_{i∈b} p_i − Σ_{i∈b} o_i| / n
     ps = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, p)
     os_ = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, o)
     return float(((ps - os_).abs()).sum() / p.numel())
