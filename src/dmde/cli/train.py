@@ -48,7 +48,20 @@ def load_run_config(args: argparse.Namespace):
         overrides.append(f"device={args.device}")
     if args.no_progress:
         overrides.append("progress=false")
-    return load_config(RunConfig, args.config, overrides)
+    return load_config(RunConfig, shipped_config(args.config), overrides)
+
+
+def shipped_config(path: str | None) -> str | None:
+    """``--config`` as given, or, when no such file exists, a config shipped with dmde
+    (``paper/pretrained.yaml``, ``configs/paper-full/pretrained.yaml``): the same names work from
+    a checkout and from an installed wheel."""
+    if path is None or Path(path).exists():
+        return path
+    from dmde.report.suite import CONFIGS_DIR
+
+    rel = Path(path)
+    rel = rel.relative_to("configs") if rel.parts[:1] == ("configs",) else rel
+    return str(CONFIGS_DIR / rel) if (CONFIGS_DIR / rel).is_file() else path
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ from dmde.run.plots import (
     plot_predictions,
 )
 from dmde.run.prepare import load_splits, prepare_splits
-from dmde.run.store import load_models
+from dmde.run.store import load_models, nway_input
 
 
 def write_report(suite: Suite, out: str | os.PathLike, regimes: Sequence[str] = ("pretrained",),
@@ -69,7 +69,7 @@ def write_report(suite: Suite, out: str | os.PathLike, regimes: Sequence[str] = 
     rep.mkdir(parents=True, exist_ok=True)
     book = read_json(out / "suite.json") if (out / "suite.json").is_file() else {"runs": {}}
     lines = [f"# The paper's experiments on Tiny-ImageNet: suite `{suite.name}`", ""]
-    lines += ["Made by `dmde experiment` (src/dmde/experiment.py) from the runs under its `--out` directory; every "
+    lines += ["Made by `dmde experiment` (src/dmde/report/experiment.py) from the runs under its `--out` directory; every "
               "row is a `dmde train` run of `configs/" + suite.name + "/<regime>.yaml` plus the row's overrides "
               "in `configs/" + suite.name + "/suite.yaml`. All accuracies are measured on the pipeline's own seeded "
               "hold-out split of the training set (never trained on), in %, as mean ± std over the seeds that "
@@ -172,7 +172,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           f"not-in-group ratio {e.not_in_group_ratio}; start: {e.init}; budget: {e.budget} "
           f"({'as many optimiser steps per expert as the flat model' if e.budget == 'flat_steps' else 'epochs over the group view'})",
           f"- fusion: stacking {cfg.fusion.stacking} (ε = {cfg.fusion.eps}), N-way {cfg.fusion.nway} on "
-          f"{cfg.fusion.input} Υ, {cfg.fusion.epochs} epochs; end-to-end fine-tuning {cfg.fusion.finetune.epochs} "
+          f"{'log Υ' if nway_input(cfg.fusion) == 'log' else 'Υ as it is (a log score)'}, {cfg.fusion.epochs} epochs; end-to-end fine-tuning {cfg.fusion.finetune.epochs} "
           f"epoch(s); calibration before Eq. 7: {cfg.fusion.calibrate}; the mixture's final model here: **{final}**",
           f"- flat baseline: the same backbone with one N-way softmax, trained on the experts' and the N-way "
           f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)" +
@@ -184,7 +184,9 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
     # ---- Table I
     L += ["### Table I: mixture against the baselines (top-1 / top-5 / top-10 %)", "",
           "| method | row | model | top-1 | top-5 | top-10 | paper top-1 / 5 / 10 |", "|---|---|---|---|---|---|---|"]
-    t1 = [("ours (semantic tree, Eq. 7)", "mixture", final, "mixture"),
+    stacking = {"eq7": "Eq. 7", "eq7_log": "log Eq. 7", "poe": "product of the experts", "stack2": "Stack 2",
+                "sum": "sum"}.get(cfg.fusion.stacking, cfg.fusion.stacking)
+    t1 = [(f"ours (semantic tree, {stacking})", "mixture", final, "mixture"),
           ("ours, argmax Υ", "mixture", "mixture_upsilon", None),
           ("ours, fine-tuned end to end (Eq. 11)", "finetuned", "mixture", None),
           ("flat (\"AlexNet Extension\")", "mixture", "flat", "flat"),

@@ -14,8 +14,10 @@ from dmde.core.config import load_config, read_yaml
 from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.run.config import RunConfig, validate
 
-#: Where ``--suite NAME`` is looked up: ``configs/NAME`` of the source tree.
-CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
+#: Where ``--suite NAME`` and a bare ``--config NAME/REGIME.yaml`` are looked up: the configs shipped
+#: inside the package (``src/dmde/configs``; the checkout's ``configs/`` links to it), so an installed
+#: wheel runs ``dmde experiment --suite paper`` too.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
