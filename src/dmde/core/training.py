@@ -239,6 +239,7 @@ def fit(
         model.train()
         tot_loss = 0.0
         correct = seen = 0
+        scored = False
         bar = tqdm(range(0, idx.numel(), batch), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False, mininterval=1.0)
         for s in bar:
@@ -261,6 +262,7 @@ def fit(
             tot_loss += float(loss.detach()) * n
             if logits is not None:  # a loss may not expose its logits (e.g. the mixture's)
                 correct += int((logits.detach().argmax(1) == y).sum())
+                scored = True
             seen += n
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", refresh=False)
         bar.close()
@@ -279,8 +281,9 @@ def fit(
                 fh.write(json.dumps(metrics) + "\n")
             extra = "".join(f", {k} {v:.3f}" for k, v in metrics.items()
                             if k.startswith("holdout_") and isinstance(v, float))
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.3f%s, %.0f img/s, %.1f s", desc, epoch + 1,
-                     cfg.epochs, metrics["train_loss"], metrics["train_acc"], extra, metrics["images_per_s"], seconds)
+            acc = f", train acc {metrics['train_acc']:.3f}" if scored else ""  # a loss may keep its logits
+            log.info("%s epoch %d/%d: loss %.4f%s%s, %.0f img/s, %.1f s", desc, epoch + 1, cfg.epochs,
+                     metrics["train_loss"], acc, extra, metrics["images_per_s"], seconds)
         if world > 1:
             barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
