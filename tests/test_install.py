@@ -33,9 +33,10 @@ def test_the_wheel_runs_every_command_outside_the_checkout(tmp_path, real_wordne
     # install stays out: `import dmde` must find the wheel's copy.
     deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (site / "deps.pth").write_text("\n".join(deps) + "\n")
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # --ignore-installed: this environment's own dmde metadata is on the path too; never touch it
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--ignore-installed", str(wheel)], check=True, capture_output=True, env=env)
     away = tmp_path / "elsewhere"
     away.mkdir()
 
@@ -43,9 +44,9 @@ def test_the_wheel_runs_every_command_outside_the_checkout(tmp_path, real_wordne
         return subprocess.run([str(venv / "bin" / "dmde"), *args], cwd=away, env=env, capture_output=True,
                               text=True, timeout=timeout)
 
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import dmde; print(dmde.__file__)"], cwd=away,
-                           env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(site)), where
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import dmde; print(dmde.__file__)"], cwd=away,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(str(site)), r.stderr[-1500:] + r.stdout
     r = dmde("--help")
     assert r.returncode == 0 and "experiment" in r.stdout and "predict" in r.stdout
     (away / "classes.txt").write_text("n02084071\nn02121808\nn02374451\nn02958343\n")  # dog cat horse car
