@@ -116,18 +116,37 @@ class Predictor:
         return (x - mean) / std
 
     @torch.no_grad()
+    def _score_loaded(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, N) of a batch of loaded (normalised) images."""
+        y = self.model(as_model_input(x.to(self.device))).float().cpu()
+        if self.scores_are_probabilities:  # Υ: normalise to sum to one
+            return y / y.sum(1, keepdim=True).clamp_min(1e-12)
+        return torch.softmax(y, 1)
+
+    def _scored(self, images: list[Any], batch_size: int, skip: bool) -> tuple[list[int], torch.Tensor]:
+        """(the positions scored, their probabilities): each image is loaded once, a batch at a
+        time; with ``skip`` a file that cannot be read is listed in ``self.skipped`` instead."""
+        self.skipped: list[tuple[Any, str]] = []
+        kept, out = [], []
+        for s in range(0, len(images), batch_size):
+            idx, xs = [], []
+            for i in range(s, min(s + batch_size, len(images))):
+                try:
+                    xs.append(self._load(images[i]))
+                except DmdeError as exc:  # missing, unreadable, corrupt
+                    if not (skip and isinstance(images[i], (str, os.PathLike))):
+                        raise
+                    self.skipped.append((images[i], str(exc)))
+                    continue
+                idx.append(i)
+            if xs:
+                kept += idx
+                out.append(self._score_loaded(torch.stack(xs)))
+        return kept, torch.cat(out) if out else torch.empty(0, len(self.classes))
+
     def scores(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """Class probabilities (B, N) in the ontology's order (directories and globs expanded)."""
-        images = expand_images(images)
-        out = []
-        for s in range(0, len(images), batch_size):
-            x = torch.stack([self._load(im) for im in images[s : s + batch_size]]).to(self.device)
-            y = self.model(as_model_input(x)).float().cpu()
-            if self.scores_are_probabilities:  # Υ: normalise to sum to one
-                out.append(y / y.sum(1, keepdim=True).clamp_min(1e-12))
-            else:
-                out.append(torch.softmax(y, 1))
-        return torch.cat(out)
+        return self._scored(expand_images(images), batch_size, skip=False)[1]
 
     def predict(self, images: Sequence[Any], top_k: int = 5,
                 on_corrupt: str = "raise") -> list[list[Prediction] | None]:
@@ -139,21 +158,11 @@ class Predictor:
         if on_corrupt not in ("raise", "skip"):
             raise DmdeValueError(f"on_corrupt={on_corrupt!r} is not one of raise, skip")
         images = expand_images(images)
-        self.skipped: list[tuple[Any, str]] = []
-        good = []
-        for i, im in enumerate(images):
-            if on_corrupt == "skip" and isinstance(im, (str, os.PathLike)):
-                try:
-                    self._load(im)
-                except DmdeError as exc:  # missing, unreadable, corrupt
-                    self.skipped.append((im, str(exc)))
-                    continue
-            good.append(i)
-        probs = self.scores([images[i] for i in good]) if good else torch.empty(0, len(self.classes))
+        kept, probs = self._scored(images, 64, skip=on_corrupt == "skip")
         k = min(top_k, probs.shape[1])
         val, idx = probs.topk(k, dim=1)
         out: list[list[Prediction] | None] = [None] * len(images)
-        for i, vr, ir in zip(good, val, idx):
+        for i, vr, ir in zip(kept, val, idx):
             out[i] = [Prediction(self.classes[c], self.lemmas[c], float(v)) for v, c in zip(vr.tolist(), ir.tolist())]
         return out
 
