@@ -51,10 +51,10 @@ from dmde.report.results import (
 from dmde.report.suite import Suite, _override_list, plan, run_name
 from dmde.run.config import RunConfig
 from dmde.run.plots import (
-    plot_bars,
     plot_curves,
     plot_ontology,
     plot_per_class,
+    plot_points,
     plot_predictions,
 )
 from dmde.run.prepare import load_splits, prepare_splits
@@ -258,8 +258,9 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
         paper = [PAPER["table3"].get(round(x, 1), (float("nan"),))[0] for x in xs]
         plot_curves(xs, {**curves, "paper (ImageNet-10K)": (paper, None)}, rep / f"{regime}_accuracy_vs_lambda.png",
                     "overlap λ", "top-1 (%)", "Top-1 against λ (Fig. 14)")
-        plot_curves(ng, curves, rep / f"{regime}_accuracy_vs_experts.png",
-                    "number of experts", "top-1 (%)", "Top-1 against the number of experts (Fig. 13)")
+        plot_curves(ng, curves, rep / f"{regime}_accuracy_vs_experts.png",  # each point another λ: no line
+                    "number of experts", "top-1 (%)", "Top-1 against the number of experts (Fig. 13)",
+                    lines=False, point_labels=[f"λ={x:.1f}" for x in xs])
         L += [f"![top-1 against λ]({regime}_accuracy_vs_lambda.png) "
               f"![top-1 against the number of experts]({regime}_accuracy_vs_experts.png)", ""]
     # ---- Table IV
@@ -386,9 +387,10 @@ def _figures(regime: str, res: dict[str, RowResult], ref: Path, final: str | Non
         return {k: np.array([float(r[k]) for r in rows]) for k in names}
 
     pc = per_class(ref)
+    lemmas = onto.lemmas  # per_class.csv follows the ontology's positions
     curves = {f"mixture ({final})": pc[final], "flat": pc["flat"]} if final in pc and "flat" in pc else pc
     plot_per_class(curves, rep / f"{regime}_per_class_mixture_flat.png",
-                   title="Per-class top-1, classes sorted (Fig. 5)")
+                   title="Per-class top-1, classes sorted (Fig. 5)", names=lemmas)
     others = {f"semantic ({final})": pc.get(final)}
     for name in ("random", "visual", "stack2"):
         rr = res.get(name)
@@ -398,7 +400,7 @@ def _figures(regime: str, res: dict[str, RowResult], ref: Path, final: str | Non
             if m in p:
                 others[name] = p[m]
     plot_per_class({k: v for k, v in others.items() if v is not None}, rep / f"{regime}_per_class_variants.png",
-                   title="Per-class top-1 of the mixture variants (Fig. 6)")
+                   title="Per-class top-1 of the mixture variants (Fig. 6)", names=lemmas)
     L += [f"Per-class accuracy (seed {min(res['mixture'].runs)}), Figs. 5–6:", "",
           f"![per-class mixture vs flat]({regime}_per_class_mixture_flat.png) "
           f"![per-class variants]({regime}_per_class_variants.png)", ""]
@@ -415,8 +417,8 @@ def _figures(regime: str, res: dict[str, RowResult], ref: Path, final: str | Non
         if n:
             names.append(f"{row}:{model}"), vals.append(m), errs.append(s)
     if names:
-        plot_bars(names, vals, errs, rep / f"{regime}_mistake_distance.png", "mean D of top-1 mistakes",
-                  "How far in WordNet the mistakes land (lower: nearer misses)")
+        plot_points(names, vals, errs, rep / f"{regime}_mistake_distance.png", "mean D of top-1 mistakes",
+                    "How far in WordNet the mistakes land (lower: nearer misses)")
         L += ["Hierarchy-aware error: the mean WordNet distance D (Eq. 1: edges + 1) between the true and the "
               "predicted class over each model's top-1 mistakes (mean ± std over seeds):", "",
               f"![mistake distance]({regime}_mistake_distance.png)", ""]

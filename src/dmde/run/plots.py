@@ -1,6 +1,6 @@
 """Figures: the two-layer ontology (Figs. 1–2, 15), per-class accuracy curves (Figs. 5–6),
 accuracy against the number of experts and against λ (Figs. 13–14), prediction panels with an
-image and the top-5 classes of two models side by side (Figs. 7–9), and bar charts (e.g. the mean
+image and the top-5 classes of two models side by side (Figs. 7–9), and dot plots (e.g. the mean
 WordNet distance of each model's mistakes).
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` (no pyplot state, no display
@@ -9,9 +9,10 @@ needed) and writes a PNG atomically.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from dmde.core.io import atomic_write
@@ -19,16 +20,21 @@ from dmde.core.io import atomic_write
 if TYPE_CHECKING:
     from dmde.hierarchy.ontology import Ontology
 
-__all__ = ["plot_ontology", "plot_per_class", "plot_curves", "plot_bars", "plot_predictions"]
+__all__ = ["plot_ontology", "plot_per_class", "plot_curves", "plot_points", "plot_predictions"]
 
-#: Above this many classes the ontology figure shows categories only (leaf labels unreadable).
+#: Above this many classes the ontology figure shows categories only, one node each, sized by its
+#: class count (a list of 10⁴ leaf labels is no figure).
 MAX_LEAVES = 300
-#: Above this many categories only every k-th category is labelled.
-MAX_CATEGORY_LABELS = 120
+#: Category nodes per column when the ontology figure shows categories only.
+CATEGORY_ROWS = 60
 
 
 def _save(fig, path: str | os.PathLike, dpi: int) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+
+
+def _short(text: str, n: int = 28) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def plot_ontology(
@@ -38,69 +44,102 @@ def plot_ontology(
     title: str | None = None,
     dpi: int = 120,
 ) -> None:
-    """Draw root → categories → classes, left to right, like the paper's Figs. 1–2.
+    """Draw root → categories → classes like the paper's Figs. 1–2, turned on its side so that
+    every class name is a horizontal line of readable text: root on the left, the categories, then
+    the classes top to bottom in left-to-right order (a small gap between categories).
 
-    With more than ``max_leaves`` classes the leaves are dropped and each category node shows
-    its class count instead, so the figure stays readable up to N = 21,841.
+    With more than ``max_leaves`` classes the classes are collapsed into their categories: one node
+    per category, its area proportional to its class count, labelled with its name and count, in
+    columns of :data:`CATEGORY_ROWS` (read column by column: the left-to-right order).
     """
     n, k = ontology.n_classes, ontology.n_categories
+    kind = {"visual": "visual tree", "taxonomy": "taxonomy"}.get(ontology.kind, "semantic ontology")
+    if n > max_leaves:
+        _plot_categories(ontology, path, title or f"{kind}: {k} categories, {n} classes "
+                         "(categories only, area ∝ class count)", dpi)
+        return
     cat = np.asarray(ontology.category)
-    sizes = ontology.category_sizes()
-    show_leaves = n <= max_leaves
-    span = n if show_leaves else k
-    width = float(np.clip((0.16 if show_leaves else 0.3) * span + 2.0, 6.0, 60.0))
-    height = 6.0 if show_leaves else 4.5
-    fig = Figure(figsize=(width, height))
+    leaf_y = np.arange(n) + 0.6 * cat  # (N,) a gap between categories
+    cat_y = np.array([leaf_y[cat == c].mean() for c in range(k)])
+    root_y = float(cat_y.mean())
+    x_root, x_cat, x_leaf = 0.0, 1.0, 2.0
+    fig = Figure(figsize=(8.0, max(2.0, 0.13 * (leaf_y[-1] + 1) + 0.8)))
     ax = fig.add_subplot(1, 1, 1)
     ax.set_axis_off()
-
-    if show_leaves:
-        leaf_x = np.arange(n, dtype=float)
-        cat_x = np.array([leaf_x[cat == c].mean() for c in range(k)])
-    else:
-        cat_x = np.arange(k, dtype=float)  # evenly spaced: labels stay apart; sizes go in the labels
-    root_x = float(cat_x.mean()) if k else 0.0
-    y_root, y_cat, y_leaf = 2.0, 1.0, 0.0
-
-    line = dict(color="0.6", linewidth=0.6, zorder=1)
+    edges = [[(x_root, root_y), (x_cat, y)] for y in cat_y] + [[(x_cat, cat_y[c]), (x_leaf, y)]
+                                                              for c, y in zip(cat, leaf_y)]
+    ax.add_collection(LineCollection(edges, colors="0.7", linewidths=0.6, zorder=1))
+    ax.scatter(np.full(n, x_leaf), leaf_y, s=8, color="tab:green", zorder=2)
+    ax.scatter(np.full(k, x_cat), cat_y, s=30, color="tab:blue", zorder=2)
+    ax.scatter([x_root], [root_y], s=60, color="tab:red", zorder=2)
+    ax.text(x_root - 0.04, root_y, "root", ha="right", va="center", fontsize=9)
+    for p in range(n):
+        ax.text(x_leaf + 0.04, leaf_y[p], _short(ontology.lemmas[p], 40), ha="left", va="center", fontsize=7)
     for c in range(k):
-        ax.plot([root_x, cat_x[c]], [y_root, y_cat], **line)
-    if show_leaves:
-        for p in range(n):
-            ax.plot([cat_x[cat[p]], leaf_x[p]], [y_cat, y_leaf], **line)
-        ax.scatter(leaf_x, np.full(n, y_leaf), s=10, color="tab:green", zorder=2)
-        fs = float(np.clip(260.0 / max(n, 1) ** 0.9, 4.0, 9.0))
-        for p in range(n):
-            ax.text(leaf_x[p], y_leaf - 0.05, ontology.lemmas[p], rotation=90, ha="center", va="top", fontsize=fs)
-    ax.scatter(cat_x, np.full(k, y_cat), s=30, color="tab:blue", zorder=2)
-    ax.scatter([root_x], [y_root], s=60, color="tab:red", zorder=2)
-    ax.text(root_x, y_root + 0.08, "root", ha="center", va="bottom", fontsize=10)
+        ax.text(x_cat - 0.04, cat_y[c], _short(ontology.categories[c].name), ha="right", va="center", fontsize=8,
+                weight="bold", bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.5), zorder=3)
+    ax.set_xlim(-0.45, 3.2)
+    ax.set_ylim(leaf_y[-1] + 0.8, -0.8)  # the first class at the top
+    ax.set_title(title or f"{kind}: {k} categories, {n} classes", fontsize=11)
+    _save(fig, path, dpi)
 
-    step = max(1, int(np.ceil(k / MAX_CATEGORY_LABELS)))
-    fs_cat = float(np.clip(300.0 / max(k, 1), 5.0, 10.0))
-    for c in range(0, k, step):
-        label = ontology.categories[c].name if show_leaves else f"{ontology.categories[c].name} ({sizes[c]})"
-        ax.text(cat_x[c], y_cat + 0.06, label, rotation=45 if k > 8 else 0, ha="left" if k > 8 else "center",
-                va="bottom", fontsize=fs_cat)
-    kind = "visual tree" if ontology.kind == "visual" else "semantic ontology"
-    shown = "" if show_leaves else " (categories only)"
-    ax.set_title(title or f"{kind}: {k} categories, {n} classes{shown}", fontsize=11)
-    ax.set_ylim(y_leaf - 0.15 if show_leaves else y_cat - 0.3, y_root + 0.5)  # tight bbox keeps labels
+
+def _plot_categories(ontology: "Ontology", path: str | os.PathLike, title: str, dpi: int) -> None:
+    """The ontology collapsed into its categories (:func:`plot_ontology` above ``max_leaves``)."""
+    k = ontology.n_categories
+    sizes = ontology.category_sizes()
+    rows = min(k, CATEGORY_ROWS)
+    cols = int(np.ceil(k / rows))
+    c = np.arange(k)
+    x, y = c // rows, c % rows  # column by column: the left-to-right order
+    area = 6.0 + 250.0 * sizes / sizes.max()  # points²
+    fig = Figure(figsize=(2.9 * cols + 0.5, 0.17 * rows + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_axis_off()
+    ax.scatter(x, y, s=area, color="tab:blue", alpha=0.7, zorder=2)
+    for i in range(k):
+        ax.text(x[i] + 0.07, y[i], f"{_short(ontology.categories[i].name, 24)} ({sizes[i]})", ha="left", va="center",
+                fontsize=7)
+    for ref in sorted({int(sizes.max()), int(np.median(sizes)), int(sizes.min())}, reverse=True):
+        ax.scatter([], [], s=6.0 + 250.0 * ref / sizes.max(), color="tab:blue", alpha=0.7, label=f"{ref} classes")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8, frameon=False)
+    ax.set_xlim(-0.2, cols)
+    ax.set_ylim(rows - 0.4, -0.6)
+    ax.set_title(title, fontsize=11, pad=24)
     _save(fig, path, dpi)
 
 
 def plot_per_class(per_class: dict[str, np.ndarray], path: str | os.PathLike, title: str | None = None,
-                   dpi: int = 120) -> None:
+                   dpi: int = 120, names: Sequence[str] | None = None, named: str | None = None,
+                   n_named: int = 5) -> None:
     """Per-class top-1 accuracy of each model, classes sorted by accuracy (the paper's Figs. 5, 6).
 
     ``per_class`` maps a model's name to its (N,) accuracies (NaN for classes without images).
+    With ``names`` (a name per class: lemmas, not WNIDs), the ``n_named`` best and worst classes
+    of model ``named`` (default: the first) are marked on its curve and listed beside the plot.
     """
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(9.5 if names is not None else 7, 4))
     ax = fig.add_subplot(1, 1, 1)
+    named = named if named in per_class else next(iter(per_class), None)
     for name, acc in per_class.items():
-        a = np.sort(np.asarray(acc, dtype=float)[~np.isnan(acc)])[::-1]
-        if a.size:
-            ax.plot(np.arange(1, a.size + 1), 100 * a, label=f"{name} (mean {100 * a.mean():.1f}%)", lw=1.5)
+        acc = np.asarray(acc, dtype=float)
+        a = np.sort(acc[~np.isnan(acc)])[::-1]
+        if not a.size:
+            continue
+        line, = ax.plot(np.arange(1, a.size + 1), 100 * a, label=f"{name} (mean {100 * a.mean():.1f}%)", lw=1.5)
+        if names is None or name != named:
+            continue
+        seen = np.flatnonzero(~np.isnan(acc))
+        order = seen[np.argsort(-acc[seen], kind="stable")]  # classes best first, as the curve
+        m = min(n_named, order.size // 2 if order.size > 1 else order.size)
+        ranks = np.r_[np.arange(m), np.arange(order.size - m, order.size)]
+        ax.scatter(ranks + 1, 100 * acc[order[ranks]], s=18, color=line.get_color(), edgecolor="black", zorder=3)
+
+        best, worst = order[:m], order[order.size - m:][::-1]  # worst: the lowest first
+        best, worst = ("\n".join(f"{_short(str(names[c]), 26)}  {100 * acc[c]:.0f}%" for c in idx)
+                       for idx in (best, worst))
+        text = f"{name}: best {m}\n{best}\n\nworst {m}\n{worst}"
+        ax.text(1.02, 1.0, text, transform=ax.transAxes, ha="left", va="top", fontsize=7.5, family="monospace")
     ax.set_xlabel("classes, sorted by accuracy")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
@@ -111,12 +150,23 @@ def plot_per_class(per_class: dict[str, np.ndarray], path: str | os.PathLike, ti
 
 
 def plot_curves(x: list[float], series: dict[str, tuple[list[float], list[float] | None]], path: str | os.PathLike,
-                xlabel: str, ylabel: str, title: str, dpi: int = 120) -> None:
-    """One line per series, ``series[name] = (y, yerr or None)`` over the shared ``x`` (Figs. 13, 14)."""
+                xlabel: str, ylabel: str, title: str, dpi: int = 120, lines: bool = True,
+                point_labels: Sequence[str] | None = None) -> None:
+    """One series per model, ``series[name] = (y, yerr or None)`` over the shared ``x`` (Figs. 13, 14).
+
+    ``lines=False`` draws points only: where the points are separate settings (each λ of the
+    accuracy-against-experts plot) a line would invent the values between them. ``point_labels``
+    names each x (e.g. its λ) beside the points of the first series.
+    """
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for name, (y, err) in series.items():
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, lw=1.5, label=name)
+    markers = "osD^vP*X"
+    for s_i, (name, (y, err)) in enumerate(series.items()):
+        ax.errorbar(x, y, yerr=err, marker=markers[s_i % len(markers)], capsize=3, lw=1.5 if lines else 0,
+                    elinewidth=1.0, label=name, linestyle="-" if lines else "none")
+        if point_labels is not None and s_i == 0:
+            for xi, yi, lab in zip(x, y, point_labels):
+                ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -125,19 +175,33 @@ def plot_curves(x: list[float], series: dict[str, tuple[list[float], list[float]
     _save(fig, path, dpi)
 
 
-def plot_bars(names: list[str], values: list[float], errors: list[float] | None, path: str | os.PathLike,
-              ylabel: str, title: str, dpi: int = 120) -> None:
-    """A bar per model with an error bar (e.g. mean ± std over seeds)."""
-    fig = Figure(figsize=(max(5.0, 0.9 * len(names) + 2), 4))
+def plot_points(names: list[str], values: list[float], errors: list[float] | None, path: str | os.PathLike,
+                xlabel: str, title: str, dpi: int = 120) -> None:
+    """A dot per model with its error bar (e.g. mean ± std over seeds), each labelled with its value
+    and its difference to the first model.
+
+    A dot plot, not bars: a bar's length says its value from zero, so bars must start at zero, and
+    mistake distances of 10.37 and 10.28 then look equal; a dot's position needs no zero, so the
+    axis spans the values (and their error bars) and the differences show.
+    """
+    v = np.asarray(values, dtype=float)
+    e = np.zeros_like(v) if errors is None else np.nan_to_num(np.asarray(errors, dtype=float))
+    fig = Figure(figsize=(7, 0.45 * len(names) + 1.4))
     ax = fig.add_subplot(1, 1, 1)
     pos = np.arange(len(names))
-    ax.bar(pos, values, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
-    for p, v in zip(pos, values):
-        ax.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(pos)
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
+    ax.errorbar(v, pos, xerr=e, fmt="o", color="tab:blue", capsize=3)
+    lo, hi = float(np.nanmin(v - e)), float(np.nanmax(v + e))
+    pad = 0.15 * max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+    ax.set_xlim(lo - pad, hi + 3 * pad)  # room for the labels on the right
+    for p, (val, err) in enumerate(zip(v, e)):
+        diff = "" if p == 0 else f"  ({val - v[0]:+.2f} vs the first)"
+        ax.annotate(f"{val:.2f}" + (f" ± {err:.2f}" if err else "") + diff, (val + err, p),
+                    textcoords="offset points", xytext=(6, 0), va="center", fontsize=8)
+    ax.set_yticks(pos)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first model at the top
+    ax.set_xlabel(xlabel + " (axis spans the values, not from 0)")
+    ax.grid(alpha=0.3, axis="x")
     ax.set_title(title)
     _save(fig, path, dpi)
 
