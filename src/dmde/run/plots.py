@@ -165,8 +165,9 @@ def plot_curves(x: list[float], series: dict[str, tuple[list[float], list[float]
         ax.errorbar(x, y, yerr=err, marker=markers[s_i % len(markers)], capsize=3, lw=1.5 if lines else 0,
                     elinewidth=1.0, label=name, linestyle="-" if lines else "none")
         if point_labels is not None and s_i == 0:
-            for xi, yi, lab in zip(x, y, point_labels):
-                ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            for i, (xi, yi, lab) in enumerate(zip(x, y, point_labels)):
+                below = sum(xj == xi for xj in x[:i])  # settings that share an x: their labels stacked
+                ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 6 - 11 * below), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
