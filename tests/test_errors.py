@@ -59,6 +59,10 @@ def _setup(case: str, tmp: Path) -> list[str]:
         return ["train", "--out", str(tmp / "run"), *SYNTH, "--device", "cuda"]
     if case == "evaluate-not-a-run":
         return ["evaluate", str(tmp / "adir"), "--out", str(tmp / "eval")]
+    if case == "evaluate-no-cuda":
+        return ["evaluate", str(tmp / "adir"), "--out", str(tmp / "eval"), "--device", "cuda"]
+    if case == "predict-no-cuda":
+        return ["predict", str(tmp / "adir"), str(tmp / "afile"), "--device", "cuda"]
     raise KeyError(case)
 
 
@@ -73,12 +77,14 @@ CASES = [
     ("train-wrong-type", "groups.size='abc' must be an integer"),
     ("train-no-cuda", "this machine has no CUDA GPU"),
     ("evaluate-not-a-run", "is not a dmde run directory"),
+    ("evaluate-no-cuda", "this machine has no CUDA GPU"),
+    ("predict-no-cuda", "this machine has no CUDA GPU"),
 ]
 
 
 @pytest.mark.parametrize("case, message", CASES, ids=[c for c, _ in CASES])
 def test_user_error_is_one_line_exit_2_nothing_written(case, message, tmp_path, capsys):
-    if case == "train-no-cuda" and torch.cuda.is_available():
+    if case.endswith("-no-cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     argv = _setup(case, tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -89,6 +95,16 @@ def test_user_error_is_one_line_exit_2_nothing_written(case, message, tmp_path, 
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # nothing new, nothing changed (the unrelated file included)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_the_python_api_takes_a_device_and_refuses_a_missing_gpu_in_one_line(tmp_path):
+    import dmde
+    from dmde.core.errors import DmdeValueError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DmdeValueError, match="this machine has no CUDA GPU"):
+        dmde.load(str(tmp_path), device="cuda")
 
 
 def test_read_only_output_directory(tmp_path, capsys, monkeypatch):

@@ -4,7 +4,7 @@ Two patterns: the experts of a mixture are independent, so they are spread over 
 (:func:`my_share`), each rank training and checkpointing its own; the models that see all the
 classes (flat baseline, end-to-end fine-tuning) are trained data-parallel: every rank takes a
 slice of each global batch and the gradients are averaged (:func:`average_gradients`).
-gloo on CPU, NCCL on GPU.
+gloo on CPU, NCCL on GPU (rank r on the GPU ``LOCAL_RANK``: :func:`local_device`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from dmde.core.errors import DmdeValueError
 from dmde.core.threads import default_threads
 
 
@@ -25,11 +26,27 @@ def dist_context() -> tuple[int, int]:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # each rank its own GPU, before NCCL picks one for it
+            torch.cuda.set_device(local_device())
         dist.init_process_group(backend=backend)
         if not os.environ.get("DMDE_THREADS"):  # share the cores between the ranks on this machine
 
             torch.set_num_threads(default_threads(local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return dist.get_rank(), dist.get_world_size()
+
+
+def local_device() -> torch.device:
+    """This process's accelerator: ``cuda:LOCAL_RANK`` under torchrun with CUDA (one GPU per rank on
+    each machine), ``cuda`` without torchrun, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return torch.device("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= torch.cuda.device_count():
+        raise DmdeValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                             "start at most one process per GPU (torchrun --nproc-per-node)")
+    return torch.device("cuda", local_rank)
 
 
 def barrier() -> None:
