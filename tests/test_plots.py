@@ -46,7 +46,7 @@ def test_the_ontology_figure_shows_leaves_up_to_the_limit_then_categories(tmp_pa
     onto = _ontology(n, k)
     t0 = time.perf_counter()
     plots.plot_ontology(onto, tmp_path / "o.png")
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # seconds on a quiet 2-core machine: about 5; a loose bound (the tests may share the cores)
     _png(tmp_path / "o.png")
     drawn = dict(texts)
     if n <= plots.MAX_LEAVES:  # every class named, horizontally, at a size one can read
@@ -76,7 +76,7 @@ def test_the_per_class_curve_at_ten_thousand_classes_is_fast(tmp_path):
     t0 = time.perf_counter()
     plots.plot_per_class({"mixture": acc, "flat": acc ** 2}, tmp_path / "pc.png",
                          names=[f"class {i}" for i in range(10_000)])
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # as above
     _png(tmp_path / "pc.png")
 
 

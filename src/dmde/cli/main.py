@@ -19,6 +19,7 @@ from dmde.core.errors import DmdeError
 _COMMAND_MODULES = (
     "dmde.cli.ontology",  # dmde ontology build|show
     "dmde.cli.groups",  # dmde groups
+    "dmde.cli.shards",  # dmde shards
     "dmde.cli.train",  # dmde train
     "dmde.cli.evaluate",  # dmde evaluate
     "dmde.cli.predict",  # dmde predict
@@ -61,9 +62,14 @@ class _StderrHandler(logging.StreamHandler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option that follows a positional (`shards SRC --out D k=v`)
+        if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logger, handler = logging.getLogger("dmde"), None
-    if args.command in ("train", "train-experts", "experiment"):  # one line per epoch, even with --no-progress
+    # one line per epoch trained, or per model evaluated, even with --no-progress
+    if args.command in ("train", "train-experts", "experiment", "evaluate"):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

@@ -1,7 +1,7 @@
 """The one epoch loop every trained stage uses (experts, flat baseline, early fusion,
 end-to-end fine-tuning): in-memory data, per-batch augmentation, a cosine schedule,
 a checkpoint after every epoch (atomic), ``--resume`` from the last completed epoch, and a
-JSONL line per epoch.
+JSONL line per epoch (with TensorBoard scalars beside it: :mod:`dmde.core.tensorboard`).
 
 Every random draw of epoch e comes from a generator seeded by (seed, e), so resuming at an
 epoch boundary gives the same weights as an uninterrupted run.
@@ -13,24 +13,28 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmde.core.batches import (  # noqa: F401  (ImageTensors, prepare_inputs: imported from here too)
+    ImageTensors,
+    StreamedImages,
+    as_model_input,
+    load_batches,
+    prepare_inputs,
+    to_model_input,
+)
 from dmde.core.checkpoint import load_checkpoint, save_checkpoint
 from dmde.core.distributed import average_gradients, barrier, dist_context
 from dmde.core.errors import DmdeValueError, MismatchError
-from dmde.core.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    normalize,
-    random_crop_with_padding,
-    random_horizontal_flip,
-)
+from dmde.core.precision import autocast
+from dmde.core.tensorboard import event_writer, write_scalars
 
 #: One line per finished epoch (INFO): the CLI shows it on stderr, with or without progress bars.
 log = logging.getLogger("dmde.train")
@@ -53,27 +57,6 @@ class OptimConfig:
     augment: bool = True  # random crop with padding + horizontal flip, per batch
     crop_padding: int = 4
     seed: int = 0
-
-
-@dataclass
-class ImageTensors:
-    """Decoded images of one split, in memory: the data path is a tensor index, never a decoder.
-
-    ``inputs`` is uint8 (n, 3, H, W) images, or float (n, C, h, w) cached trunk features when
-    ``kind == 'features'``; ``targets`` are ontology positions 0..N−1.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    kind: str = "images"  # images | features
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __len__(self) -> int:
-        return int(self.targets.numel())
-
-    def subset(self, idx: torch.Tensor) -> "ImageTensors":
-        return ImageTensors(self.inputs[idx], self.targets[idx], self.kind, self.mean, self.std)
 
 
 def mix_seed(*parts: int) -> int:
@@ -99,40 +82,6 @@ class Salt:
     EARLY_FUSION_ORDER = 0xEB
 
 
-def prepare_inputs(
-    data: ImageTensors,
-    idx: torch.Tensor,
-    augment: bool = False,
-    padding: int = 0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Gather a batch and turn it into model input: float, augmented, normalised."""
-    x = data.inputs[idx].to(device, non_blocking=True)
-    if data.kind == "features":
-        return x.float()
-    x = x.float().div_(255.0)  # (B, 3, H, W)
-    if augment:
-        x = random_horizontal_flip(x, generator=generator)
-        if padding > 0:
-            x = random_crop_with_padding(x, padding, generator=generator)
-    return as_model_input(normalize(x, data.mean, data.std))
-
-
-#: Images enter models in channels-last layout: measured on a 2-core CPU (benchmarks/RESULTS.md,
-#: "Throughput"), a small_cnn step trains 1.4×, EfficientNet-Lite0 1.6× and a mixture's loop of
-#: experts infers 1.3–1.8× faster than in PyTorch's default layout (whose max-pooling kernel is slow
-#: there); the numbers computed differ only by float rounding.
-CHANNELS_LAST = True
-
-
-def as_model_input(x: torch.Tensor) -> torch.Tensor:
-    """A batch of images (B, C, H, W) in the layout models run fastest on (:data:`CHANNELS_LAST`)."""
-    if CHANNELS_LAST and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -152,13 +101,26 @@ def lr_at(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> floa
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def rank_slices(idx: torch.Tensor, labels: torch.Tensor, batch: int, rank: int = 0, world: int = 1
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's part of each global batch of an epoch's order: rank r takes b[r::world], so
+    the ranks together see every sample exactly once per epoch (a DistributedSampler's job)."""
+    out = []
+    for s in range(0, idx.numel(), batch):
+        b_idx, b_lab = idx[s : s + batch], labels[s : s + batch]
+        if world > 1:
+            b_idx, b_lab = b_idx[rank::world], b_lab[rank::world]
+        out.append((b_idx, b_lab))
+    return out
+
+
 EpochSamples = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def fit(
     model: nn.Module,
-    data: ImageTensors,
+    data: ImageTensors | StreamedImages,
     cfg: OptimConfig,
     loss_fn: LossFn,
     ckpt_path: str | os.PathLike,
@@ -175,6 +137,7 @@ def fit(
     stop_after_epoch: int | None = None,
     params: Sequence[nn.Parameter] | None = None,
     data_parallel: bool = False,
+    precision: str | int = "32",
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resuming from ``ckpt_path`` when it exists.
 
@@ -183,7 +146,9 @@ def fit(
     must match on resume (e.g. the ontology hash). Returns the last epoch's metrics.
     ``stop_after_epoch`` simulates a crash, for tests. With ``data_parallel`` under torchrun,
     each rank takes its slice of every global batch (``world × batch_size`` samples), gradients
-    are averaged, and rank 0 writes the checkpoint.
+    are averaged, and rank 0 writes the checkpoint. ``precision`` (32, bf16, fp16): the forward pass
+    and loss under :func:`dmde.core.precision.autocast`; fp16 scales the loss, its scaler saved with
+    the checkpoint.
     """
     device = torch.device(device)
     path = Path(ckpt_path)
@@ -198,6 +163,8 @@ def fit(
     rank, world = dist_context() if data_parallel else (0, 1)
     trained = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = make_optimizer(cfg, trained)
+    precision = str(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
     start, metrics = 0, {}
     if path.exists():  # resume: first check that the checkpoint is this model's, then load it
         state = load_checkpoint(path)
@@ -214,7 +181,12 @@ def fit(
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
             raise MismatchError(f"checkpoint {path} does not fit this model (another backbone or width?): {first}") from None
+        if str(state.get("precision", "32")) != precision:
+            raise MismatchError(f"checkpoint {path} was trained at precision {state.get('precision', '32')}, "
+                                f"not {precision}; move it away, or train at its precision")
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"])
         metrics = state.get("metrics", {})
         if restore_extra is not None:
@@ -222,6 +194,7 @@ def fit(
         if start >= cfg.epochs:
             return metrics
     _truncate_log(log_path, start)
+    board = event_writer(path.with_suffix(".tb"), start) if rank == 0 else None  # None: off or not installed
 
     batch = cfg.batch_size * world  # the global batch; rank r takes its r-th slice
     sizes = [int(epoch_samples(e)[0].numel()) for e in range(cfg.epochs)]
@@ -240,23 +213,24 @@ def fit(
         tot_loss = 0.0
         correct = seen = 0
         scored = False
-        bar = tqdm(range(0, idx.numel(), batch), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+        slices = rank_slices(idx, labels, batch, rank, world)  # (all ranks drew the same permutation)
+        raws = load_batches(data, [b for b, _ in slices], pin_memory=device.type == "cuda")
+        bar = tqdm(zip(slices, raws), total=len(slices), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False, mininterval=1.0)
-        for s in bar:
-            b_idx, b_lab = idx[s : s + batch], labels[s : s + batch]
-            if world > 1:
-                b_idx, b_lab = b_idx[rank::world], b_lab[rank::world]
+        for (b_idx, b_lab), raw in bar:
             y = b_lab.to(device)
-            # (all ranks drew the same permutation above; their augmentation draws may differ)
-            x = prepare_inputs(data, b_idx, cfg.augment, cfg.crop_padding, gen, device)
+            # (the ranks' augmentation draws may differ)
+            x = to_model_input(raw, data, cfg.augment, cfg.crop_padding, gen, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step, total, steps[epoch])
-            loss, logits = loss_fn(model, x, y)
+            with autocast(precision, device):
+                loss, logits = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if world > 1:
                 average_gradients(trained, world)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             n = y.numel()
             tot_loss += float(loss.detach()) * n
@@ -273,12 +247,17 @@ def fit(
             metrics.update(evaluate(model))
         state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "metrics": metrics, **identity}
+        if precision != "32":
+            state["precision"] = precision
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         if extra_state is not None:
             state.update(extra_state())
         if rank == 0:
             save_checkpoint(path, state)
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
+            write_scalars(board, metrics)
             extra = "".join(f", {k} {v:.3f}" for k, v in metrics.items()
                             if k.startswith("holdout_") and isinstance(v, float))
             acc = f", train acc {metrics['train_acc']:.3f}" if scored else ""  # a loss may keep its logits
@@ -288,6 +267,8 @@ def fit(
             barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if board is not None:
+        board.close()
     return metrics
 
 
@@ -302,15 +283,19 @@ def _truncate_log(log_path: Path, epochs: int) -> None:
 @torch.no_grad()
 def predict_logits(
     forward: Callable[[torch.Tensor], torch.Tensor],
-    data: ImageTensors,
+    data: ImageTensors | StreamedImages,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "predict",
+    precision: str | int = "32",
 ) -> torch.Tensor:
-    """``forward`` over every sample of ``data`` (no augmentation), outputs stacked on the CPU."""
+    """``forward`` over every sample of ``data`` (no augmentation), outputs stacked on the CPU;
+    under :func:`autocast` at ``precision``."""
     outs = []
-    for s in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = torch.arange(s, min(len(data), s + batch_size))
-        outs.append(forward(prepare_inputs(data, idx, device=device)).float().cpu())
+    batches = [torch.arange(s, min(len(data), s + batch_size)) for s in range(0, len(data), batch_size)]
+    raws = load_batches(data, batches, pin_memory=torch.device(device).type == "cuda")
+    for raw in tqdm(raws, total=len(batches), desc=desc, disable=not progress, leave=False):
+        with autocast(precision, device):
+            outs.append(forward(to_model_input(raw, data, device=device)).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)

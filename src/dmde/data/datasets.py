@@ -45,7 +45,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fash
 
 ON_CORRUPT = ("raise", "skip")
 #: The datasets a run reads (``data.dataset``); ``synthetic`` comes from :mod:`dmde.data.synthetic`.
-DATASETS = ("fashion_mnist", "tiny_imagenet", "imagefolder", "synthetic")
+DATASETS = ("fashion_mnist", "tiny_imagenet", "imagefolder", "synthetic", "shards")
+#: How a run holds its images (``data.storage``): see :mod:`dmde.data.shards` and ``run.prepare``.
+STORAGES = ("auto", "memory", "stream")
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -174,12 +174,14 @@ def train_expert(
     init_similarity: torch.Tensor | None = None,
     init_from: dict[str, torch.Tensor] | None = None,
     flat_samples: int | None = None,
+    precision: str | int = "32",
 ) -> dict[str, Any]:
     """Train (or resume, or skip when finished) expert ``j``; returns its last metrics.
 
     Writes ``expert_{j}.pt`` after every epoch and a line per epoch to ``expert_{j}.jsonl``.
     ``init_from``: a flat model's state dict to start from (``cfg.init == 'flat'``);
-    ``flat_samples``: the images of the flat model's epoch (``cfg.budget == 'flat_steps'``).
+    ``flat_samples``: the images of the flat model's epoch (``cfg.budget == 'flat_steps'``);
+    ``precision``: of the training steps (:data:`dmde.core.precision.PRECISIONS`).
     """
     if len(group) < 1:
         raise DmdeValueError(f"task group {j} is empty")
@@ -241,6 +243,7 @@ def train_expert(
         desc=f"expert {j}",
         progress=progress,
         stop_after_epoch=stop_after_epoch,
+        precision=precision,
     )
     return {"expert": j, **metrics}
 
@@ -285,6 +288,7 @@ def train_all_experts(
     on_expert_done: Callable[[int, dict], None] | None = None,
     init_from: dict[str, torch.Tensor] | None = None,
     flat_samples: int | None = None,
+    precision: str | int = "32",
 ) -> dict[int, dict[str, Any]]:
     """Train every group's expert (or those in ``only``), this rank's share under torchrun."""
     selected = list(range(len(groups))) if only is None else list(only)
@@ -296,7 +300,7 @@ def train_all_experts(
     for j in my_share(selected, rank, world):
         results[j] = train_expert(j, groups[j], groups_wnids[j], train, cfg, out_dir, ontology_hash,
                                   holdout=holdout, device=device, progress=progress, init_from=init_from,
-                                  flat_samples=flat_samples)
+                                  flat_samples=flat_samples, precision=precision)
         if on_expert_done:
             on_expert_done(j, results[j])
     barrier()

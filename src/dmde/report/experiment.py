@@ -458,7 +458,8 @@ def _prediction_panels(regime: str, run: Path, final: str | None, rep: Path, n_e
         picks += list(rng.permutation(cand)[:n_each])
     if not picks:
         return []
-    small = [resize(images.inputs[i].float().div(255.0), (size, size)).clamp(0, 1) for i in picks]
+    raw = images.gather(torch.as_tensor(picks, dtype=torch.long))
+    small = [resize(raw[k].float().div(255.0), (size, size)).clamp(0, 1) for k in range(len(picks))]
     imgs = [x.mul(255).byte().permute(1, 2, 0).numpy() for x in small]  # (size, size, 3)
     truths = [onto.lemmas[int(y[i])] for i in picks]
     preds = {}

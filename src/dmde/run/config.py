@@ -2,18 +2,24 @@
 before any work starts (:func:`validate`)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dmde.core.errors import DmdeValueError
+from dmde.core.errors import DmdeFileError, DmdeValueError
+from dmde.core.distributed import local_device
+from dmde.core.precision import PRECISIONS
 from dmde.core.training import OPTIMIZERS, OptimConfig
-from dmde.data.datasets import DATASETS, ON_CORRUPT
+from dmde.data.datasets import DATASETS, ON_CORRUPT, STORAGES
 from dmde.experts.train import BUDGETS, INITS, ExpertsConfig
 from dmde.fusion.mixture import BATCH_MODES, NWAY_INPUTS, NWAY_KINDS
 from dmde.fusion.stacking import CALIBRATIONS, VARIANTS
 from dmde.hierarchy.groups import ASSIGNMENTS
+
+#: What ``ontology.source`` may name (:class:`OntologyConfig`).
+ONTOLOGY_SOURCES = ("wordnet", "visual", "taxonomy")
 
 
 @dataclass
@@ -32,6 +38,11 @@ class DataConfig:
     cache: str | None = None  # decoded-image cache (.pt); None: decode every time
     on_corrupt: str = "raise"  # raise: a corrupt image stops with its name; skip: dropped and counted
     seed: int = 0
+    # How images reach the models (never what they are: not in any stage hash). memory: decoded once
+    # into RAM (fast for small data); stream: read per batch from shards or image files, memory
+    # bounded by the batch; auto: stream when the decoded images would fill > 1/4 of the RAM.
+    storage: str = "auto"
+    workers: int = 2  # DataLoader processes that read and decode streamed batches (0: in this process)
 
 
 @dataclass
@@ -40,6 +51,11 @@ class OntologyConfig:
     seed: int = 0
     drop_non_atomic: bool = False
     wordnet: str | None = None  # WordNet 3.0 directory; None: found automatically
+    # What the two-layer tree is built from: wordnet (Ψ of Eq. 1: classes are WNIDs, lemmas or
+    # senses), visual (the visual tree of class-mean features, groups.visual_*), taxonomy (the
+    # `child<TAB>parent` file ontology.taxonomy). visual and taxonomy take class names as they are.
+    source: str = "wordnet"  # wordnet | visual | taxonomy
+    taxonomy: str | None = None
 
 
 @dataclass
@@ -96,7 +112,9 @@ class RunConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     device: str = "auto"  # auto | cpu | cuda
+    precision: str | int = "32"  # 32 | bf16 | fp16: the trained stages' forward passes (autocast)
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard event files beside the JSONL logs (when tensorboard is installed)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -107,7 +125,9 @@ def validate(cfg: RunConfig) -> None:
     choices = {
         "data.dataset": (cfg.data.dataset, DATASETS),
         "data.on_corrupt": (cfg.data.on_corrupt, ON_CORRUPT),
+        "data.storage": (cfg.data.storage, STORAGES),
         "groups.assignment": (cfg.groups.assignment, ASSIGNMENTS),
+        "ontology.source": (cfg.ontology.source, ONTOLOGY_SOURCES),
         "fusion.stacking": (cfg.fusion.stacking, VARIANTS),
         "fusion.nway": (cfg.fusion.nway, NWAY_KINDS + ("none",)),
         "fusion.input": (cfg.fusion.input, NWAY_INPUTS),
@@ -118,14 +138,24 @@ def validate(cfg: RunConfig) -> None:
         "fusion.finetune.optimizer": (cfg.fusion.finetune.optimizer, OPTIMIZERS),
         "fusion.batched": (cfg.fusion.batched, (False, True) + BATCH_MODES),
         "fusion.batched_finetune": (cfg.fusion.batched_finetune, (False, True) + BATCH_MODES),
+        "precision": (str(cfg.precision), PRECISIONS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             bad(key, value, f"is not one of {', '.join(map(str, allowed))}")
     if not 0.0 <= float(cfg.groups.overlap) < 1.0:
         bad("groups.overlap", cfg.groups.overlap, "must lie in [0, 1)")
+    if int(cfg.data.workers) < 0:
+        bad("data.workers", cfg.data.workers, "must be at least 0")
     if int(cfg.groups.size) < 1:
         bad("groups.size", cfg.groups.size, "must be at least 1")
+    if cfg.ontology.source == "taxonomy" and cfg.ontology.taxonomy is None:
+        bad("ontology.source", cfg.ontology.source, "needs ontology.taxonomy=FILE ('class<TAB>parent' lines)")
+    if cfg.ontology.source != "taxonomy" and cfg.ontology.taxonomy is not None:
+        bad("ontology.taxonomy", cfg.ontology.taxonomy, f"is read only with ontology.source=taxonomy, "
+            f"not {cfg.ontology.source}")
+    if cfg.ontology.taxonomy is not None and not os.path.isfile(cfg.ontology.taxonomy):
+        raise DmdeFileError(f"ontology.taxonomy: taxonomy file {cfg.ontology.taxonomy} does not exist")
     if cfg.ontology.categories is not None and int(cfg.ontology.categories) < 1:
         bad("ontology.categories", cfg.ontology.categories, "must be at least 1")
     for key, value in (("experts.epochs", cfg.experts.epochs), ("data.holdout_per_class", cfg.data.holdout_per_class),
@@ -148,9 +178,10 @@ def validate(cfg: RunConfig) -> None:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: checked
-    against what this machine has, so a missing GPU is one line, not a traceback later."""
+    against what this machine has, so a missing GPU is one line, not a traceback later. Under
+    torchrun, ``auto`` and ``cuda`` are this rank's GPU, ``cuda:LOCAL_RANK``."""
     if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device()
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -161,6 +192,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
                                  "use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DmdeValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.index is None:
+            device = local_device()
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DmdeValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
     return device

@@ -12,7 +12,9 @@ and a stage-by-stage accounting of where the mixture loses accuracy:
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,13 +33,16 @@ from dmde.fusion.stacking import (
 )
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.semantic import shortest_path_distances
+from dmde.hierarchy.taxonomy import two_layer_distances
 from dmde.hierarchy.wordnet import WordNet
 from dmde.run.config import resolve_device
 from dmde.run.plots import plot_per_class
-from dmde.run.prepare import prepare_splits
+from dmde.run.prepare import prepare_splits, run_wordnet
 from dmde.run.store import load_models
 
 TOPK = (1, 2, 5, 10)
+#: One line per model evaluated (INFO): progress that shows without progress bars.
+log = logging.getLogger("dmde.evaluate")
 
 
 def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = TOPK) -> dict[str, float]:
@@ -78,6 +83,17 @@ def class_distances(wnids: Sequence[str], wordnet_dir: str | None = None) -> np.
     return np.asarray(shortest_path_distances(wn, wn.indices(list(wnids))))
 
 
+def run_distances(onto: Ontology, cfg) -> np.ndarray | None:
+    """The class distances a run's mistakes are measured in: WordNet's (``ontology.source=wordnet``),
+    the taxonomy's two-layer tree (2 between siblings, 4 otherwise), or none for a visual tree
+    (a distance in the tree the experts were grouped by would measure the grouping, not the mistake)."""
+    if cfg.ontology.source == "wordnet":
+        return class_distances(onto.classes, cfg.ontology.wordnet)
+    if cfg.ontology.source == "taxonomy":
+        return two_layer_distances(onto.category)
+    return None
+
+
 def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray | None) -> dict[str, Any]:
     """Top-k accuracies, mistake distance and image count of one score matrix (B, N)."""
     m: dict[str, Any] = topk_accuracy(scores, targets)
@@ -99,7 +115,9 @@ def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, di
             out = scores[name]
         else:
             model.eval()
+            t0 = time.perf_counter()
             out = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
+            _log_pass(f"eval {name}", len(data), t0)
         metrics[name] = score_metrics(out, data.targets, dist)
         per_class[name] = per_class_accuracy(out, data.targets, n_classes)
         if name in keep_scores:
@@ -128,9 +146,17 @@ def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device
             continue
         model.eval()
         g = len(model.experts)
+        t0 = time.perf_counter()
         out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device,
                                    progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
+        _log_pass(f"eval experts of {name}", len(data), t0)
     return out
+
+
+def _log_pass(what: str, n: int, t0: float) -> None:
+    """One line per pass over the evaluation images (INFO): the CLI shows it, also with --no-progress."""
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d images, %.0f img/s, %.1f s", what, n, n / max(seconds, 1e-9), seconds)
 
 
 def _same_experts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -271,10 +297,9 @@ def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, 
                   progress: bool, out: Path) -> dict[str, Any]:
     onto = Ontology.from_json(run_dir / "ontology.json")
     if data is None:
-        splits = prepare_splits(cfg, WordNet.load(cfg.ontology.wordnet), progress=progress, cache_dir=run_dir,
-                                device=device)
+        splits = prepare_splits(cfg, run_wordnet(cfg), progress=progress, cache_dir=run_dir, device=device)
         data = splits.align(onto.positions_or(splits.classes)).holdout
-    dist = class_distances(onto.classes, cfg.ontology.wordnet)
+    dist = run_distances(onto, cfg)
     probs = mixture_probs(models, data, device, progress)  # each mixture's experts run once
     scores = {name: mixture_scores(models[name], P) for name, P in probs.items()}
     metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",),
@@ -287,7 +312,7 @@ def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, 
         metrics["accounting"] = accounting
     write_json(out / "metrics.json", metrics)
     write_per_class(out / "per_class.csv", onto.classes, onto.lemmas, per_class)
-    plot_per_class(per_class, out / "per_class.png")
+    plot_per_class(per_class, out / "per_class.png", names=onto.lemmas, named="mixture")
     return metrics
 
 

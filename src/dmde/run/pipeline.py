@@ -28,12 +28,13 @@ from dmde.core.config import save_config
 from dmde.core.distributed import barrier, dist_context
 from dmde.core.errors import DmdeValueError
 from dmde.core.io import DirectoryLock, read_json, remove_stale_temporaries, write_json
+from dmde.core.tensorboard import set_enabled as set_tensorboard
+from dmde.core.precision import check_precision
 from dmde.experts.train import train_all_experts
-from dmde.hierarchy.ontology import Ontology, build_semantic_ontology
-from dmde.hierarchy.wordnet import WordNet
+from dmde.hierarchy.ontology import Ontology
 from dmde.run.config import RunConfig, resolve_device, validate
 from dmde.run.evaluate import evaluate_run
-from dmde.run.prepare import cat_data, data_summary, prepare_splits
+from dmde.run.prepare import cat_data, data_summary, prepare_splits, run_wordnet
 from dmde.run.stages import BY_NAME, STAGES, stage_hashes
 from dmde.run.store import (
     Run,
@@ -43,9 +44,9 @@ from dmde.run.store import (
     load_groups,
 )
 from dmde.run.trainers import (
+    build_run_ontology,
     finetune,
     make_run_groups,
-    n_categories,
     train_early_fusion,
     train_flat,
     train_fusion,
@@ -65,7 +66,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None = None,
     if until is not None and until not in STAGES:
         raise DmdeValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     validate(cfg)
-    resolve_device(cfg.device)  # a missing GPU is one line before anything is written
+    check_precision(cfg.precision, resolve_device(cfg.device))  # a missing GPU: one line before anything is written
     if dist_context()[0] != 0:
         return _train(run_dir, cfg, until, only_experts, on_stage)
     with DirectoryLock(run_dir):
@@ -77,6 +78,7 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
            only_experts: Sequence[int] | None, on_stage: Callable[[str, Path], None] | None) -> dict[str, Any]:
     run = Run(run_dir, cfg)
     rank, world = dist_context()
+    set_tensorboard(cfg.tensorboard)  # event files beside every JSONL log, or not
     device = resolve_device(cfg.device)
 
     told: set[str] = set()
@@ -89,7 +91,7 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
     if rank == 0:
         save_config(cfg, run.dir / "config.yaml")
     hashes = stage_hashes(cfg)
-    wn = WordNet.load(cfg.ontology.wordnet)
+    wn = run_wordnet(cfg)  # None: ontology.source visual or taxonomy, class names as they are
     progress = cfg.progress and rank == 0
     if rank != 0:
         barrier()  # rank 0 decodes (and caches the trunk outputs) first
@@ -105,9 +107,7 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
     if not run.is_done("ontology", hashes["ontology"]):
         if rank == 0:
             run.begin("ontology", hashes["ontology"])
-            onto = build_semantic_ontology(wn, splits.classes, n_categories=n_categories(cfg, len(splits.classes)),
-                                           random_state=cfg.ontology.seed,
-                                           drop_non_atomic=cfg.ontology.drop_non_atomic, source="dataset classes")
+            onto = build_run_ontology(cfg, splits, wn, device)
             onto.to_json(run.dir / "ontology.json")
             run.finish("ontology")
         barrier()
@@ -169,7 +169,7 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
         results = train_all_experts(groups.groups, groups.wnids, splits.train, cfg.experts, run.dir / "experts",
                                     onto.hash(), holdout=splits.holdout, only=only_experts, device=device,
                                     progress=progress, init_from=load_flat_state(run.dir, onto) if warm else None,
-                                    flat_samples=len(everything))
+                                    flat_samples=len(everything), precision=cfg.precision)
         write_json(run.dir / "experts" / f"metrics_rank{rank}.json", {str(k): v for k, v in results.items()})
         if rank == 0 and only_experts is None:
             run.finish("experts")
@@ -184,7 +184,8 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
     # ---- fusion: the N-way softmax on Υ (Eqs. 7–10), experts frozen
     stage("fusion",
           lambda: train_fusion(run.dir / "fusion.pt", experts, groups.groups, n,
-                               splits.fusion if len(splits.fusion) else splits.train, cfg.fusion, device, progress))
+                               splits.fusion if len(splits.fusion) else splits.train, cfg.fusion, device, progress,
+                               cfg.precision))
     # ---- end-to-end fine-tuning (Eq. 11), data-parallel under torchrun
     stage("finetune",
           lambda: finetune(run.dir / "mixture.pt", build_mixture(run.dir, cfg, experts, groups.groups, n, "fusion"),

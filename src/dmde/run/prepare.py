@@ -5,45 +5,55 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dmde.core.checkpoint import load_checkpoint, save_checkpoint
-from dmde.core.config import config_hash, from_dict, load_config, to_dict
+from dmde.core.config import config_hash, from_dict, load_config
 from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.core.io import read_json
-from dmde.core.training import ImageTensors, predict_logits
+from dmde.core.training import (
+    ImageTensors,
+    StreamedImages,
+    load_batches,
+    predict_logits,
+)
 from dmde.data import datasets as D
 from dmde.data.memory import InMemoryImages, holdout_split, materialize
+from dmde.data.shards import SPLITS, DatasetReader, ShardReader, write_shards
 from dmde.data.synthetic import synthetic_images
 from dmde.experts.backbones import create_backbone
 from dmde.experts.train import ExpertsConfig, uses_cached_trunk
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.wordnet import WordNet
 from dmde.run.config import DataConfig, RunConfig
+from dmde.run.stages import data_key
 
 
 @dataclass
 class Splits:
     classes: list[str]  # dataset classes as WNIDs (dataset order)
-    train: ImageTensors  # targets: dataset class ids until aligned to the ontology
-    fusion: ImageTensors
-    holdout: ImageTensors
+    train: ImageTensors | StreamedImages  # targets: dataset class ids until aligned to the ontology
+    fusion: ImageTensors | StreamedImages
+    holdout: ImageTensors | StreamedImages
     skipped: int = 0  # corrupt images dropped (data.on_corrupt=skip)
 
-    def align(self, positions: np.ndarray) -> "Splits":
+    def align(self, positions: np.ndarray) -> Splits:
         """Dataset class ids → ontology positions (−1: class dropped from the ontology)."""
         lut = torch.as_tensor(positions, dtype=torch.long)
 
-        def one(t: ImageTensors) -> ImageTensors:
+        def one(t: ImageTensors | StreamedImages) -> ImageTensors | StreamedImages:
             y = lut[t.targets]
-            keep = y >= 0
-            return ImageTensors(t.inputs[keep], y[keep], t.kind, t.mean, t.std)
+            keep = torch.nonzero(y >= 0).flatten()
+            sub = t.subset(keep)
+            sub.targets = y[keep]
+            return sub
 
         return Splits(self.classes, one(self.train), one(self.fusion), one(self.holdout), self.skipped)
 
@@ -68,9 +78,17 @@ def open_dataset(cfg: DataConfig, split: str = "train", wn: Any = None):
     raise DmdeValueError(f"unknown dataset {cfg.dataset!r} (fashion_mnist, tiny_imagenet, imagefolder, synthetic)")
 
 
+def run_wordnet(cfg: RunConfig) -> WordNet | None:
+    """The WordNet a run reads: only with ``ontology.source=wordnet`` (visual trees and taxonomies
+    take the class names as they are, and need none)."""
+    return WordNet.load(cfg.ontology.wordnet) if cfg.ontology.source == "wordnet" else None
+
+
 def class_wnids(classes: Sequence[str], wn: Any) -> list[str]:
     """Dataset class names → WNIDs (ImageFolder may name its classes by lemma, or as ``crane.n.02``;
-    a lemma with several noun senses is an error listing them)."""
+    a lemma with several noun senses is an error listing them); without ``wn`` the names as they are."""
+    if wn is None:
+        return list(classes)
     out = []
     for c in classes:
         out.append(c if re.fullmatch(r"n\d{8}", c) else wn.wnid(wn.resolve_unambiguous(c)))
@@ -78,12 +96,43 @@ def class_wnids(classes: Sequence[str], wn: Any) -> list[str]:
 
 
 def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Splits:
-    """Decode the training split once and cut it into train / fusion / hold-out, per class."""
+    """Decode the training split once and cut it into train / fusion / hold-out, per class. An
+    ImageFolder's class names become WNIDs through ``wn``; without it they stay as they are."""
+    if cfg.dataset == "shards":
+        return _shard_splits(cfg, progress)
     ds = open_dataset(cfg, "train", wn)
-    mem = ds if isinstance(ds, InMemoryImages) else materialize(
-        ds, size=cfg.image_size, cache=cfg.cache, progress=progress)
-    classes = class_wnids(mem.classes, wn) if cfg.dataset == "imagefolder" else list(mem.classes)
-    targets = np.asarray(mem.targets, dtype=np.int64)
+    stream = not isinstance(ds, InMemoryImages) and choose_storage(cfg, ds) == "stream"
+    if stream:
+        if getattr(ds, "on_corrupt", "raise") == "skip":
+            ds.scan(progress=progress)  # drop the corrupt files first: the split is over readable ones
+        source: Any = ds
+    else:
+        source = ds if isinstance(ds, InMemoryImages) else materialize(
+            ds, size=cfg.image_size, cache=cfg.cache, progress=progress)
+    classes = class_wnids(source.classes, wn) if cfg.dataset == "imagefolder" else list(source.classes)
+    classes, parts = split_indices(cfg, classes, np.asarray(source.targets, dtype=np.int64))
+    if stream:
+        reader = DatasetReader(ds, cfg.image_size)
+
+        def part(rows: np.ndarray, y: np.ndarray) -> ImageTensors | StreamedImages:
+            return StreamedImages(reader, torch.as_tensor(rows), torch.as_tensor(y), workers=cfg.workers)
+    else:
+        images = source.images
+
+        def part(rows: np.ndarray, y: np.ndarray) -> ImageTensors | StreamedImages:
+            return ImageTensors(images[torch.as_tensor(rows)], torch.as_tensor(y))
+
+    skipped = int(getattr(source, "skipped", 0))
+    if skipped:
+        warnings.warn(f"{skipped} corrupt image(s) skipped (data.on_corrupt=skip)", stacklevel=2)
+    train, fusion, hold = (part(*parts[n]) for n in SPLITS)
+    return Splits(classes, train, fusion, hold, skipped)
+
+
+def split_indices(cfg: DataConfig, classes: list[str], targets: np.ndarray
+                  ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The kept classes, and per split (train, fusion, hold-out) the dataset indices and their
+    class ids among the kept classes: the seeded per-class split every storage shares."""
     keep_classes = list(range(len(classes)))
     if cfg.classes is not None and cfg.dataset != "synthetic":
         unknown = sorted(set(cfg.classes) - set(classes))
@@ -106,17 +155,80 @@ def load_splits(cfg: DataConfig, wn: Any = None, progress: bool = True) -> Split
     if cfg.max_per_class is not None:
         r_keep = _first_per_class(y[rest], cfg.max_per_class, cfg.seed)
         rest = rest[r_keep]
-    images = mem.images
-    yt = torch.as_tensor(y)
+    return classes, {n: (idx[sel], y[sel]) for n, sel in zip(SPLITS, (rest, fusion, hold))}
 
-    def part(sel: np.ndarray) -> ImageTensors:
-        sel_t = torch.as_tensor(sel, dtype=torch.long)
-        return ImageTensors(images[torch.as_tensor(idx)[sel_t]], yt[sel_t])
 
-    skipped = int(getattr(mem, "skipped", 0))
-    if skipped:
-        warnings.warn(f"{skipped} corrupt image(s) skipped (data.on_corrupt=skip)", stacklevel=2)
-    return Splits(classes, part(rest), part(fusion), part(hold), skipped)
+#: The data settings that fix the split: shards record them, a run reading shards must match them.
+SPLIT_SETTINGS = ("dataset", "classes", "max_classes", "image_size", "max_per_class", "holdout_per_class",
+                  "fusion_per_class", "synthetic_per_class", "on_corrupt", "seed")
+
+
+def choose_storage(cfg: DataConfig, ds: Any) -> str:
+    """``data.storage``, with ``auto`` resolved: stream when the decoded images would take more
+    than a quarter of this machine's memory."""
+    if cfg.storage != "auto":
+        return cfg.storage
+    if cfg.image_size is not None:
+        h = w = cfg.image_size
+    else:
+        h, w = (ds.load_image(0) if hasattr(ds, "load_image") else ds[0][0]).shape[-2:]
+    return "stream" if len(ds) * 3 * h * w > memory_bytes() // 4 else "memory"
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _shard_splits(cfg: DataConfig, progress: bool) -> Splits:
+    """A shard directory's splits, as written; streamed, or read into memory when small."""
+    if cfg.root is None:
+        raise DmdeValueError("data.root must point at a shard directory (written by `dmde shards`)")
+    reader = ShardReader(cfg.root)
+    written = reader.index.get("settings", {})
+    for key in SPLIT_SETTINGS:
+        if key in ("dataset", "on_corrupt") or key not in written:
+            continue
+        if getattr(cfg, key) != written[key]:
+            raise DmdeValueError(f"shards in {cfg.root} were split with data.{key}={written[key]!r} (this run: "
+                                 f"{getattr(cfg, key)!r}); set data.{key}={written[key]!r} or write new shards")
+    storage = cfg.storage
+    if storage == "auto":
+        c, h, w = reader.shape
+        storage = "stream" if len(reader) * c * h * w > memory_bytes() // 4 else "memory"
+    parts = []
+    for name in SPLITS:
+        rows = torch.as_tensor(reader.rows(name))
+        part = StreamedImages(reader, rows, torch.as_tensor(reader.labels[rows.numpy()]), workers=cfg.workers)
+        if storage == "memory":
+            raws = load_batches(part, [torch.arange(s, min(len(part), s + 512)) for s in range(0, len(part), 512)])
+            inputs = torch.cat(list(raws)) if len(part) else torch.empty((0, *reader.shape), dtype=torch.uint8)
+            part = ImageTensors(inputs, part.targets)
+        parts.append(part)
+    return Splits(list(reader.classes), *parts)
+
+
+def write_run_shards(cfg: DataConfig, out: str | os.PathLike, shard_size: int = 5000, wn: Any = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Write the configured dataset into shards, split as a run with ``cfg`` splits it."""
+    if cfg.dataset == "shards":
+        raise DmdeValueError("data.dataset=shards: these are shards already")
+    if Path(out).exists():  # before any reading: say it at once
+        raise DmdeFileError(f"{out} already exists; remove it or choose another --out")
+    ds = open_dataset(cfg, "train", wn)
+    if getattr(ds, "on_corrupt", "raise") == "skip":
+        ds.scan(progress=progress)
+    classes = class_wnids(ds.classes, wn) if cfg.dataset == "imagefolder" else list(ds.classes)
+    kept, parts = split_indices(cfg, classes, np.asarray(ds.targets, dtype=np.int64))
+    labels = np.full(len(ds), -1, dtype=np.int64)
+    for rows, y in parts.values():
+        labels[rows] = y
+    settings = {k: getattr(cfg, k) for k in SPLIT_SETTINGS}
+    return write_shards(ds, out, {n: parts[n][0] for n in SPLITS}, kept, labels, size=cfg.image_size,
+                        shard_size=shard_size, settings=settings, progress=progress)
 
 
 def backbone_normalisation(cfg: ExpertsConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -149,7 +261,7 @@ def prepare_splits(cfg: RunConfig, wn: Any, progress: bool = True, cache_dir: Pa
         part.mean, part.std = mean, std
     if not uses_cached_trunk(cfg.experts):
         return splits
-    key = config_hash([to_dict(cfg.data), cfg.experts.backbone, cfg.experts.backbone_kwargs])
+    key = config_hash([data_key(cfg), cfg.experts.backbone, cfg.experts.backbone_kwargs])
     path = cache_dir / f"trunk_{key}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
         st = load_checkpoint(path)
@@ -170,9 +282,14 @@ def _first_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def cat_data(a: ImageTensors, b: ImageTensors) -> ImageTensors:
+def cat_data(a: ImageTensors | StreamedImages, b: ImageTensors | StreamedImages) -> ImageTensors | StreamedImages:
     if len(b) == 0:
         return a
+    if isinstance(a, StreamedImages):  # two splits of one reader: their rows, joined
+        if not isinstance(b, StreamedImages) or b.reader is not a.reader:
+            raise DmdeValueError("cannot join splits of different sources")
+        return StreamedImages(a.reader, torch.cat([a.rows, b.rows]), torch.cat([a.targets, b.targets]),
+                              a.mean, a.std, a.workers)
     return ImageTensors(torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets]), a.kind, a.mean, a.std)
 
 
@@ -182,7 +299,7 @@ def data_summary(cfg: RunConfig, splits: Splits, device: torch.device | str = "c
     if uses_cached_trunk(cfg.experts):
         size = list(load_splits_shape(cfg))
     else:
-        size = list(splits.train.inputs.shape[-2:])
+        size = list(splits.train.sample_shape[-2:])
     return {"dataset": cfg.data.dataset, "classes": splits.classes, "image_size": size,
             "mean": list(splits.train.mean), "std": list(splits.train.std),
             "trunk": {"backbone": cfg.experts.backbone, "backbone_kwargs": cfg.experts.backbone_kwargs}
@@ -195,6 +312,8 @@ def load_splits_shape(cfg: RunConfig) -> tuple[int, int]:
     """The image size the run's models see (before any cached trunk)."""
     if cfg.data.image_size is not None:
         return (cfg.data.image_size, cfg.data.image_size)
+    if cfg.data.dataset == "shards":
+        return tuple(ShardReader(cfg.data.root).shape[-2:])
     ds = open_dataset(cfg.data, "train")
     img = ds.load_image(0) if hasattr(ds, "load_image") else ds[0][0]
     return tuple(img.shape[-2:])
@@ -226,7 +345,7 @@ def external_eval_data(run_dir: str | os.PathLike, path: str | os.PathLike) -> t
     classes = list(mem.classes)
     if not (is_tiny or is_fashion):
         cfg = load_config(RunConfig, run_dir / "config.yaml")
-        classes = class_wnids(classes, WordNet.load(cfg.ontology.wordnet))
+        classes = class_wnids(classes, run_wordnet(cfg))
     lut = torch.as_tensor(onto.positions_or(classes))
     y = lut[torch.as_tensor(mem.targets)]
     keep = y >= 0

@@ -12,7 +12,9 @@ enter a hash only when they differ from their default (:data:`LATER`): those run
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dmde.core.config import config_hash, to_dict
@@ -21,7 +23,7 @@ if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` l
     from dmde.run.config import RunConfig
 
 #: Settings added after runs existed, with their defaults: in a hash only when changed.
-LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none"}
+LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "source": "wordnet", "taxonomy": None}
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,29 @@ class Stage:
     shared: bool = True  # a suite row may take it from a sibling with the same hash
 
 
+#: Data settings that say how images are read, not which: they change no result, so no hash.
+DATA_IO = ("storage", "workers")
+
+
+def data_key(cfg: RunConfig) -> dict[str, Any]:
+    """The data settings that decide the images and their split (what the data hash covers)."""
+    return {k: v for k, v in to_dict(cfg.data).items() if k not in DATA_IO}
+
+
 def _data(cfg: RunConfig) -> str:
-    return config_hash(cfg.data)
+    return config_hash(data_key(cfg))
+
+
+def _ontology(cfg: RunConfig) -> dict[str, Any]:
+    """The ontology's settings; a taxonomy file enters by its content (an edited file redoes the
+    ontology), a visual tree with the features it is built from (``groups.visual_*``)."""
+    out = {k: v for k, v in to_dict(cfg.ontology).items() if LATER.get(k, object()) != v}
+    tax = Path(cfg.ontology.taxonomy) if cfg.ontology.taxonomy is not None else None
+    if tax is not None and tax.is_file():  # (a missing file is validate()'s error)
+        out["taxonomy"] = hashlib.sha256(tax.read_bytes()).hexdigest()
+    if cfg.ontology.source == "visual":
+        out["visual"] = [cfg.groups.visual_backbone, cfg.groups.visual_per_class, cfg.groups.seed]
+    return out
 
 
 def _experts(cfg: RunConfig) -> dict[str, Any]:
@@ -54,20 +77,27 @@ def _fusion(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return fusion, finetune
 
 
+def _precision(cfg: RunConfig) -> list[Any]:
+    """``precision`` (added later: in a hash only when not 32) enters the stages that train from
+    scratch, experts and flat; every other trained stage reads one of them."""
+    return [] if str(cfg.precision) == "32" else [{"precision": str(cfg.precision)}]
+
+
 def _always(cfg: RunConfig) -> bool:
     return True
 
 
 TABLE: tuple[Stage, ...] = (
     Stage("ontology", (), "ontology", ("ontology.json",),
-          lambda c, h: [_data(c), to_dict(c.ontology)], _always,
+          lambda c, h: [_data(c), _ontology(c)], _always,
           "dmde.hierarchy.ontology.build_semantic_ontology"),
     Stage("groups", ("ontology",), "groups", ("groups.json", "visual_ontology.json"),
           lambda c, h: [h["ontology"], to_dict(c.groups)], _always,
           "dmde.run.trainers.make_run_groups"),
     # experts.init=flat: the experts start from the flat model, whose hash then enters theirs
     Stage("experts", ("groups", "flat"), "experts", ("experts",),
-          lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else []),
+          lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else [])
+          + _precision(c),
           _always, "dmde.experts.train.train_all_experts"),
     Stage("fusion", ("experts",), "fusion", ("fusion.pt",),
           lambda c, h: [h["experts"], _fusion(c)[0]], lambda c: c.fusion.nway != "none",
@@ -78,7 +108,7 @@ TABLE: tuple[Stage, ...] = (
     # how the experts start and how long they run are not the flat model's settings
     Stage("flat", ("ontology",), "baselines", ("flat.pt", "flat.jsonl"),
           lambda c, h: [h["ontology"], _data(c), {k: v for k, v in _experts(c).items() if k not in ("init", "budget")},
-                        c.baselines.epochs],
+                        c.baselines.epochs] + _precision(c),
           lambda c: c.baselines.flat or c.experts.init == "flat", "dmde.run.trainers.train_flat", parallel=True),
     Stage("flat_wide", ("flat", "groups"), "baselines", ("flat_wide.pt", "flat_wide.jsonl"),
           lambda c, h: [h["flat"], h["groups"], c.fusion.nway, c.fusion.rank],

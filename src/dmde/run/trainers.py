@@ -26,7 +26,8 @@ from dmde.experts.train import uses_cached_trunk
 from dmde.fusion.mixture import Mixture, NWaySoftmax, mixture_loss
 from dmde.fusion.stacking import fit_calibration, group_slots
 from dmde.hierarchy.groups import make_groups
-from dmde.hierarchy.ontology import build_visual_ontology
+from dmde.hierarchy.ontology import Ontology, build_semantic_ontology, build_visual_ontology
+from dmde.hierarchy.taxonomy import build_taxonomy_ontology, read_taxonomy
 from dmde.run.config import FusionConfig, RunConfig
 from dmde.run.prepare import Splits
 from dmde.run.store import expert_similarities, nway_input
@@ -40,20 +41,41 @@ def n_categories(cfg: RunConfig, n: int) -> int | None:
     return k
 
 
+def build_run_ontology(cfg: RunConfig, splits: Splits, wn, device: torch.device) -> Ontology:
+    """The run's two-layer ontology (§III) from ``ontology.source``: WordNet's Ψ (Eq. 1), the
+    visual tree of the training images (§V(e)), or the user's taxonomy file. ``splits`` are not yet
+    aligned: their targets index ``splits.classes``."""
+    o, classes = cfg.ontology, splits.classes
+    k = n_categories(cfg, len(classes))
+    if o.source == "taxonomy":
+        return build_taxonomy_ontology(read_taxonomy(o.taxonomy, classes), n_categories=k,
+                                       source=f"taxonomy {Path(o.taxonomy).name}")
+    if o.source == "visual":
+        return visual_tree(cfg, splits.train, classes, classes, k, None, device)
+    return build_semantic_ontology(wn, classes, n_categories=k, random_state=o.seed,
+                                   drop_non_atomic=o.drop_non_atomic, source="dataset classes")
+
+
+def visual_tree(cfg: RunConfig, data: ImageTensors, classes: Sequence[str], names: Sequence[str],
+                k: int | None, wn, device: torch.device) -> Ontology:
+    """The visual tree (§V(e)) of class-mean features of ``data`` (targets index ``classes``):
+    from the experts' pretrained trunk + body when the trunk is cached, else ``groups.visual_backbone``."""
+    g = cfg.groups
+    if data.kind == "features":
+        feats = class_mean_features(data, len(classes), cfg.experts.backbone, g.visual_per_class, g.seed, device,
+                                    cfg.experts.backbone_kwargs)
+    else:
+        feats = class_mean_features(data, len(classes), g.visual_backbone, g.visual_per_class, g.seed, device)
+    return build_visual_ontology(feats.numpy(), classes, names, n_categories=k, random_state=g.seed, wn=wn,
+                                 source=f"class-mean {g.visual_backbone} features")
+
+
 def make_run_groups(cfg: RunConfig, onto, splits: Splits, wn, run_dir: Path, device: torch.device):
     """The run's task groups (§IV-A); with ``groups.assignment=visual`` the visual tree first (§V(e))."""
     g = cfg.groups
     visual = None
     if g.assignment == "visual":
-        if splits.train.kind == "features":  # the visual tree from the pretrained trunk + body
-            feats = class_mean_features(splits.train, onto.n_classes, cfg.experts.backbone, g.visual_per_class,
-                                        g.seed, device, cfg.experts.backbone_kwargs)
-        else:
-            feats = class_mean_features(splits.train, onto.n_classes, g.visual_backbone, g.visual_per_class,
-                                        g.seed, device)
-        visual = build_visual_ontology(feats.numpy(), onto.classes, onto.lemmas,
-                                       n_categories=onto.n_categories, random_state=g.seed, wn=wn,
-                                       source=f"class-mean {g.visual_backbone} features")
+        visual = visual_tree(cfg, splits.train, onto.classes, onto.lemmas, onto.n_categories, wn, device)
         visual.to_json(run_dir / "visual_ontology.json")
     return make_groups(onto, g.size, g.overlap, assignment=g.assignment, random_state=g.seed,
                        visual_ontology=visual)
@@ -80,23 +102,25 @@ def class_mean_features(data: ImageTensors, n_classes: int, backbone: str, per_c
 
 
 def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequence[int]], n: int,
-                 data: ImageTensors, f: FusionConfig, device: torch.device, progress: bool) -> dict[str, float]:
-    """Train the N-way layer on Υ of the (frozen) experts, computed once (Eq. 10)."""
+                 data: ImageTensors, f: FusionConfig, device: torch.device, progress: bool,
+                 precision: str | int = "32") -> dict[str, float]:
+    """Train the N-way layer on Υ of the (frozen) experts, computed once (Eq. 10), on ``device``."""
     mixture = Mixture(list(experts), groups, n, stacking=f.stacking, eps=f.eps, lam=f.lam, batched=f.batched)
     mixture.to(device).eval()
     calibration = {}
     if f.calibrate != "none":  # T_j (and b_j) on the fusion split, before Eq. 7
         calibration = calibrate_mixture(mixture, data, bias=f.calibrate == "temperature_bias", device=device,
-                                        progress=progress)
-    ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ")  # (n_img, N)
+                                        progress=progress, precision=precision)
+    ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ",
+                         precision=precision).to(device)  # (n_img, N)
     torch.manual_seed(mix_seed(Salt.NWAY_INIT, n))
-    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f))
+    nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f)).to(device)
     init = {k: v.clone() for k, v in nway.state_dict().items()}
     opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
     g = torch.Generator().manual_seed(mix_seed(Salt.NWAY_ORDER, n))
-    y = data.targets
+    y = data.targets.to(device)
     for _ in range(f.epochs):
-        order = torch.randperm(len(y), generator=g)
+        order = torch.randperm(len(y), generator=g).to(device)
         for s in range(0, len(y), f.batch_size):
             b = order[s : s + f.batch_size]
             loss = F.cross_entropy(nway(ups[b]), y[b])
@@ -114,12 +138,12 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
 
 
 def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
-                      progress: bool = False) -> dict[str, torch.Tensor]:
+                      progress: bool = False, precision: str | int = "32") -> dict[str, torch.Tensor]:
     """Fit every expert's temperature (and not-in-group bias) on ``data`` and set them on the
     mixture (:func:`dmde.fusion.stacking.fit_calibration`); returns them for the fusion checkpoint."""
     g = len(mixture.experts)
     logits = predict_logits(lambda x: mixture.padded_logits(x).flatten(1), data, device=device,
-                            progress=progress, desc="calibrate").view(len(data), g, -1)
+                            progress=progress, desc="calibrate", precision=precision).view(len(data), g, -1)
     temperature, nig_bias = fit_calibration(logits, group_slots(mixture.layout.to("cpu"), data.targets), bias=bias)
     mixture.temperature.copy_(temperature)
     mixture.nig_bias.copy_(nig_bias)
@@ -142,7 +166,8 @@ def finetune(path: Path, mixture: nn.Module, data: ImageTensors, cfg: RunConfig,
 
     sims_dev = [None if s is None else s.to(device) for s in sims]
     return fit(mixture, data, cfg.fusion.finetune, loss_fn, path, identity={"ontology_hash": ontology_hash},
-               seed_parts=(Salt.FINETUNE,), device=device, desc="fine-tune", progress=progress, data_parallel=True)
+               seed_parts=(Salt.FINETUNE,), device=device, desc="fine-tune", progress=progress, data_parallel=True,
+               precision=cfg.precision)
 
 
 def width_matched_model(cfg: RunConfig, n: int, groups, data: ImageTensors) -> tuple[nn.Module, dict[str, Any]]:
@@ -154,7 +179,7 @@ def width_matched_model(cfg: RunConfig, n: int, groups, data: ImageTensors) -> t
     sizes = [len(g) for g in groups.groups]
     torch.manual_seed(mix_seed(e.seed, Salt.FLAT_WIDE))
     m = width_matched_flat(e.backbone, len(sizes), n, int(round(sum(sizes) / len(sizes))),
-                           input_shape=tuple(data.inputs.shape[1:]), nway_kind=cfg.fusion.nway, rank=cfg.fusion.rank,
+                           input_shape=tuple(data.sample_shape), nway_kind=cfg.fusion.nway, rank=cfg.fusion.rank,
                            **e.backbone_kwargs)
     return m.model, {"width_arg": m.width_arg, "width": m.width, "macs": m.macs, "mixture_macs": m.target_macs}
 
@@ -180,26 +205,28 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
 
     return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
                extra_state=(lambda: dict(extra)) if extra else None,
-               seed_parts=seeds, device=device, desc=path.stem, progress=progress, data_parallel=True)
+               seed_parts=seeds, device=device, desc=path.stem, progress=progress, data_parallel=True,
+               precision=cfg.precision)
 
 
 def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTensors, n: int, cfg: RunConfig,
                        device: torch.device, progress: bool) -> dict[str, float]:
-    """Early fusion (Table IV): one N-way layer on the experts' concatenated features."""
+    """Early fusion (Table IV): one N-way layer on the experts' concatenated features, on ``device``."""
     torch.manual_seed(mix_seed(Salt.EARLY_FUSION_INIT, n))
     model = EarlyFusion(list(experts), n).to(device).eval()
     feats = predict_logits(lambda x: torch.cat([e.features(x) for e in model.experts], 1), data, device=device,
-                           progress=progress, desc="features")
+                           progress=progress, desc="features", precision=cfg.precision).to(device)
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
-    lin = nn.Linear(z.shape[1], n)
+    lin = nn.Linear(z.shape[1], n).to(device)
     opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(mix_seed(Salt.EARLY_FUSION_ORDER, n))
+    targets = data.targets.to(device)
     for _ in range(cfg.baselines.early_fusion_epochs):
-        order = torch.randperm(len(z), generator=g)
+        order = torch.randperm(len(z), generator=g).to(device)
         for s in range(0, len(z), 256):
             b = order[s : s + 256]
-            loss = F.cross_entropy(lin(z[b]), data.targets[b])
+            loss = F.cross_entropy(lin(z[b]), targets[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
