@@ -270,3 +270,18 @@ def test_a_run_on_streamed_shards_equals_the_in_memory_run(tmp_path, real_wordne
     streamed = train(tmp_path / "streamed", streamed_cfg)
     for model in ("mixture", "flat"):
         assert memory[model] == streamed[model]
+
+
+def test_hierarchical_synthetic_images_make_siblings_closer_than_cousins():
+    from dmde.data.synthetic import HierarchicalSynthetic
+
+    ds = HierarchicalSynthetic([0, 0, 1, 1, 2, 2], list("abcdef"), per_class=10, size=8)
+    assert ds.targets.tolist() == [c for c in range(6) for _ in range(10)]
+    assert torch.equal(ds.load_image(13), ds.load_image(13))  # made on demand, the same every time
+    x = torch.stack([ds.load_image(i).float() for i in range(len(ds))])
+    look = x.view(6, 10, 3, -1).std(3).mean(1)  # each class's per-channel contrast: set by its category's hue
+    d = torch.cdist(look, look)
+    for a in range(6):
+        for b in range(6):
+            if a != b and a // 2 != b // 2:
+                assert d[a, a ^ 1] < d[a, b]  # the sibling (a ^ 1) is closer than every cousin
