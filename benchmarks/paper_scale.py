@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--train-per-class", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=12)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep --out's shards and finished stages; time only the stages still to do")
     args = ap.parse_args()
 
     from dmde.data.shards import write_shards
@@ -65,8 +67,9 @@ def main() -> int:
     if args.limit:
         wnids = wnids[: args.limit]
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
 
     t0 = time.perf_counter()
@@ -78,16 +81,19 @@ def main() -> int:
 
     t0 = time.perf_counter()
     holdout, fusion = 2, 2
+    done = json.loads((out / "run" / "stages.json").read_text()) if (out / "run" / "stages.json").exists() else {}
     data = DataConfig(dataset="shards", root=str(out / "shards"), image_size=args.image_size,
                       holdout_per_class=holdout, fusion_per_class=fusion, storage="stream", workers=args.workers)
     ds = HierarchicalSynthetic(category_of, wnids, args.train_per_class + holdout + fusion, size=args.image_size)
     classes, parts = split_indices(data, wnids, np.asarray(ds.targets))
     labels = np.asarray(ds.targets)
-    write_shards(ds, out / "shards", {n: parts[n][0] for n in SPLITS}, classes, labels, size=None,
-                 shard_size=10000, settings={k: getattr(data, k) for k in SPLIT_SETTINGS}, progress=False)
+    if not (args.resume and (out / "shards").exists()):
+        write_shards(ds, out / "shards", {n: parts[n][0] for n in SPLITS}, classes, labels, size=None,
+                     shard_size=10000, settings={k: getattr(data, k) for k in SPLIT_SETTINGS}, progress=False)
     shard_bytes = sum(p.stat().st_size for p in (out / "shards").iterdir())
-    rows.append((f"(setup) {len(ds):,} images into shards ({shard_bytes / 1e6:.0f} MB)",
-                 time.perf_counter() - t0, None))
+    if not args.resume:
+        rows.append((f"(setup) {len(ds):,} images into shards ({shard_bytes / 1e6:.0f} MB)",
+                     time.perf_counter() - t0, None))
 
     cfg = {
         "data": {k: getattr(data, k) for k in ("dataset", "root", "image_size", "holdout_per_class",
@@ -103,6 +109,8 @@ def main() -> int:
     }
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     for stage in STAGES:
+        if args.resume and done.get(stage, {}).get("done"):
+            continue  # timed by the invocation that ran it
         t0 = time.perf_counter()
         with open(out / f"{stage}.log", "w") as log:
             proc = subprocess.run([sys.executable, "-c", STAGE_RUNNER, "train", "--config", str(out / "config.yaml"),

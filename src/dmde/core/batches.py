@@ -98,8 +98,8 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.data.gather(idx)
+    def __getitem__(self, idx: list[int]) -> torch.Tensor:
+        return self.data.gather(torch.as_tensor(idx, dtype=torch.long))
 
 
 def load_batches(data: ImageTensors | StreamedImages, batches: Sequence[torch.Tensor],
@@ -109,7 +109,9 @@ def load_batches(data: ImageTensors | StreamedImages, batches: Sequence[torch.Te
     reads carry no randomness, so any worker count gives the same batches)."""
     if isinstance(data, ImageTensors) or data.workers <= 0:
         return (data.gather(b) for b in batches)
-    return torch.utils.data.DataLoader(_Batches(data), sampler=list(batches), batch_size=None,
+    # indices travel as lists: a tensor sent to a worker is shared through a file descriptor, and
+    # at 10^4 classes that traffic was seen to stall a worker and the main process on each other
+    return torch.utils.data.DataLoader(_Batches(data), sampler=[b.tolist() for b in batches], batch_size=None,
                                        num_workers=data.workers, pin_memory=pin_memory,
                                        prefetch_factor=2, persistent_workers=False)
 

@@ -12,11 +12,13 @@ and a stage-by-stage accounting of where the mixture loses accuracy:
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,14 +107,15 @@ def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray 
 
 def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, dist: np.ndarray | None,
                     device: torch.device | str = "cpu", progress: bool = False,
-                    keep_scores: Sequence[str] = (), scores: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+                    keep_scores: Sequence[str] = (),
+                    scores: dict[str, torch.Tensor | Callable[[], torch.Tensor]] | None = None) -> tuple[dict, dict]:
     """Metrics of every model on ``data`` (an :class:`~dmde.core.training.ImageTensors`), and their
     per-class accuracies. ``scores`` gives models' score matrices already computed (they are not
     run again); those of the models named in ``keep_scores`` are returned under ``metrics["_scores"]``."""
     metrics, per_class, kept = {}, {}, {}
     for name, model in models.items():
-        if scores is not None and name in scores:
-            out = scores[name]
+        if scores is not None and name in scores:  # a matrix, or a function making it (made, used, dropped)
+            out = scores[name]() if callable(scores[name]) else scores[name]
         else:
             model.eval()
             t0 = time.perf_counter()
@@ -301,7 +304,8 @@ def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, 
         data = splits.align(onto.positions_or(splits.classes)).holdout
     dist = run_distances(onto, cfg)
     probs = mixture_probs(models, data, device, progress)  # each mixture's experts run once
-    scores = {name: mixture_scores(models[name], P) for name, P in probs.items()}
+    # one (n, N) score matrix at a time: at N = 10^4 each is n × 40 KB (benchmarks/paper_scale.py)
+    scores = {name: functools.partial(mixture_scores, models[name], P) for name, P in probs.items()}
     metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",),
                                          scores=scores)
     flat_scores = metrics.pop("_scores", {}).get("flat")
