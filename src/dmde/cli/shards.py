@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {v['count']}" for n, v in index["splits"].items())
     print(f"wrote {len(index['shard_files'])} shards of {len(index['classes'])} classes into {args.out}: {counts} "
           f"images at {index['image_size'][0]}×{index['image_size'][1]}")
+    changed = _changed(cfg)
     print(f"train on them with: dmde train --out RUN data.dataset=shards data.root={args.out} "
           + " ".join(f"data.{k}={v}" for k, v in index["settings"].items()
-                     if k not in ("dataset", "on_corrupt") and v is not None and k in _changed(cfg)))
+                     if k not in ("dataset", "on_corrupt") and v is not None and k in changed))
     return 0
 
 

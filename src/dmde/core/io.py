@@ -83,6 +83,15 @@ def ensure_directory(path: str | os.PathLike, what: str = "output directory") ->
     return p
 
 
+def check_format(data: Any, fmt: str, version: int, kind: str, where: str) -> None:
+    """``data`` (a parsed JSON file) carries dmde's ``format`` tag ``fmt`` at ``version``, or one
+    line names the file: the check every dmde file reader makes before reading its fields."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise DmdeValueError(f"{where} is not a dmde {kind} file (format != {fmt!r})")
+    if data.get("version") != version:
+        raise DmdeValueError(f"{where} has {kind} format version {data.get('version')}, expected {version}")
+
+
 def check_output_file(path: str | os.PathLike, fmt: str, what: str) -> Path:
     """Before any work: ``path`` can be written as a ``what`` file (JSON with ``"format": fmt``).
     Refuses a directory, a path under a file, a place we cannot write, and an existing file that

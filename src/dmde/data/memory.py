@@ -69,20 +69,24 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        ds = self.dataset
         try:
-            if isinstance(ds, _FileDataset):
-                img = ds._decode(i)  # no substitution: materialize drops corrupt files itself
-            elif hasattr(ds, "load_image"):
-                img = ds.load_image(i)
-            else:
-                x = ds[i][0]
-                img = x if x.dtype == torch.uint8 else (x.clamp(0, 1) * 255).round().to(torch.uint8)
+            return i, load_resized(self.dataset, i, self.size), None
         except CorruptImageError as exc:
             return i, None, str(exc)  # errors travel as values: worker tracebacks are multi-line
-        if self.size is not None:
-            img = _resize_tensor(img, self.size)
-        return i, img, None
+
+
+def load_resized(dataset: Any, index: int, size: Any = None) -> torch.Tensor:
+    """Sample ``index`` of any dmde dataset as uint8 (3, H, W), resized to ``size`` when given
+    (a no-op for an image of that size). A corrupt file raises, never substituted: the readers
+    that call this (decoding into memory, shards, lazy reads) drop or report it themselves."""
+    if isinstance(dataset, _FileDataset):
+        img = dataset._decode(index)
+    elif hasattr(dataset, "load_image"):
+        img = dataset.load_image(index)
+    else:
+        x = dataset[index][0]
+        img = x if x.dtype == torch.uint8 else (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return img if size is None else _resize_tensor(img, size)
 
 
 def _collate_stacked(batch: list) -> tuple[list, Any, list]:

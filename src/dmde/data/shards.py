@@ -41,10 +41,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dmde.core.errors import CorruptImageError, DmdeFileError, DmdeValueError
-from dmde.core.io import atomic_write
+from dmde.core.io import atomic_write, check_format
 from dmde.core.transforms import resize as _resize_tensor
 from dmde.data.datasets import _FileDataset
 from dmde.data.files import decode_image
+from dmde.data.memory import load_resized
 
 FORMAT = "dmde-shards"
 VERSION = 1
@@ -72,10 +73,9 @@ def _sample_bytes(dataset: Any, i: int, size: tuple[int, int] | None) -> tuple[b
         ext = name.rsplit(".", 1)[-1].lower()
         if (size is None or tuple(img.shape[-2:]) == size) and ext in ("jpg", "jpeg", "png"):
             return raw, "jpg" if ext == "jpeg" else ext, tuple(img.shape)
+        img = img if size is None else _resize_tensor(img, size)  # decoded above: not again
     else:
-        img = dataset.load_image(i) if hasattr(dataset, "load_image") else dataset[i][0]
-    if size is not None and tuple(img.shape[-2:]) != size:
-        img = _resize_tensor(img, size)
+        img = load_resized(dataset, i, size)
     return _encode_png(img), "png", tuple(img.shape)
 
 
@@ -199,8 +199,7 @@ class ShardReader:
             self.index = json.loads((self.root / INDEX).read_text())
         except (OSError, ValueError) as exc:
             raise DmdeFileError(f"{self.root / INDEX} is not readable JSON: {exc}") from None
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
-            raise DmdeFileError(f"{self.root / INDEX} is not a {FORMAT} v{VERSION} index")
+        check_format(self.index, FORMAT, VERSION, "shard index", str(self.root / INDEX))
         with np.load(self.root / ROWS) as z:
             self.split = z["split"].astype(np.int8)
             self.labels = z["label"].astype(np.int64)
@@ -264,18 +263,11 @@ class DatasetReader:
     def __init__(self, dataset: Any, size: int | tuple[int, int] | None = None) -> None:
         self.dataset = dataset
         self.size = (size, size) if isinstance(size, int) else size
-        first = self._load(0)
+        first = load_resized(dataset, 0, self.size)
         self.shape = tuple(first.shape)
 
-    def _load(self, row: int) -> torch.Tensor:
-        ds = self.dataset
-        img = ds._decode(row) if isinstance(ds, _FileDataset) else ds.load_image(row)
-        if self.size is not None and tuple(img.shape[-2:]) != self.size:
-            img = _resize_tensor(img, self.size)
-        return img
-
     def read(self, row: int) -> torch.Tensor:
-        img = self._load(row)
+        img = load_resized(self.dataset, row, self.size)
         if tuple(img.shape) != self.shape:
             where = self.dataset.describe(row) if hasattr(self.dataset, "describe") else f"sample {row}"
             raise DmdeValueError(f"{where} is {tuple(img.shape)[1:]} but earlier images are {self.shape[1:]}; "

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dmde.core.errors import DmdeValueError, MismatchError
-from dmde.core.io import read_json, write_json
+from dmde.core.io import check_format, read_json, write_json
 from dmde.hierarchy.ontology import Ontology
 
 __all__ = ["ASSIGNMENTS", "TaskGroups", "circular_groups", "make_groups"]
@@ -172,10 +172,7 @@ class TaskGroups:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "groups") -> "TaskGroups":
-        if not isinstance(data, dict) or data.get("format") != GROUPS_FORMAT:
-            raise DmdeValueError(f"{where} is not a dmde task-groups file (format != {GROUPS_FORMAT!r})")
-        if data.get("version") != GROUPS_VERSION:
-            raise DmdeValueError(f"{where} has groups format version {data.get('version')}, expected {GROUPS_VERSION}")
+        check_format(data, GROUPS_FORMAT, GROUPS_VERSION, "task-groups", where)
         try:
             return cls(
                 groups=[g["positions"] for g in data["groups"]],

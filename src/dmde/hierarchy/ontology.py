@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dmde.core.errors import DmdeValueError
-from dmde.core.io import read_json, sha256_of, write_json
+from dmde.core.io import check_format, read_json, sha256_of, write_json
 from dmde.hierarchy import semantic
 from dmde.hierarchy.spectral import (
     _check_affinity,
@@ -175,10 +175,7 @@ class Ontology:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "ontology") -> "Ontology":
-        if not isinstance(data, dict) or data.get("format") != ONTOLOGY_FORMAT:
-            raise DmdeValueError(f"{where} is not a dmde ontology file (format != {ONTOLOGY_FORMAT!r})")
-        if data.get("version") != ONTOLOGY_VERSION:
-            raise DmdeValueError(f"{where} has ontology format version {data.get('version')}, expected {ONTOLOGY_VERSION}")
+        check_format(data, ONTOLOGY_FORMAT, ONTOLOGY_VERSION, "ontology", where)
         try:
             rows = data["classes"]
             for r in rows:  # a hand edit must not pass as a float or a name

@@ -172,7 +172,13 @@ def choose_storage(cfg: DataConfig, ds: Any) -> str:
         h = w = cfg.image_size
     else:
         h, w = (ds.load_image(0) if hasattr(ds, "load_image") else ds[0][0]).shape[-2:]
-    return "stream" if len(ds) * 3 * h * w > memory_bytes() // 4 else "memory"
+    return auto_storage(len(ds), (3, h, w))
+
+
+def auto_storage(n_images: int, shape: Sequence[int]) -> str:
+    """``data.storage=auto``: stream when ``n_images`` uint8 images of ``shape`` would take more
+    than a quarter of this machine's memory, else decode them into memory."""
+    return "stream" if n_images * int(np.prod(shape)) > memory_bytes() // 4 else "memory"
 
 
 def memory_bytes() -> int:
@@ -195,10 +201,7 @@ def _shard_splits(cfg: DataConfig, progress: bool) -> Splits:
         if getattr(cfg, key) != written[key]:
             raise DmdeValueError(f"shards in {cfg.root} were split with data.{key}={written[key]!r} (this run: "
                                  f"{getattr(cfg, key)!r}); set data.{key}={written[key]!r} or write new shards")
-    storage = cfg.storage
-    if storage == "auto":
-        c, h, w = reader.shape
-        storage = "stream" if len(reader) * c * h * w > memory_bytes() // 4 else "memory"
+    storage = auto_storage(len(reader), reader.shape) if cfg.storage == "auto" else cfg.storage
     parts = []
     for name in SPLITS:
         rows = torch.as_tensor(reader.rows(name))
