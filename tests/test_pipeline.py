@@ -192,6 +192,22 @@ def test_evaluate_refuses_a_bad_out_and_foreign_classes(finished_run, tmp_path, 
     assert not (tmp_path / "ev").exists()
 
 
+def test_evaluation_in_chunks_of_images_gives_the_figures_of_one_pass(finished_run, tmp_path, monkeypatch):
+    import dmde.run.evaluate as evaluate
+
+    run, metrics, _ = finished_run
+    # at N = 10,450 without mixtures: 512 MiB of six score matrices per image, in whole batches of 512
+    assert evaluate.chunk_images({}, 10_450) == 2048
+    monkeypatch.setattr(evaluate, "EVAL_BATCH", 8)  # 60 hold-out images: several chunks of whole batches
+    one = evaluate.evaluate_run(run, device="cpu", out_dir=tmp_path / "one", chunk=64)
+    for chunk in (8, 16, 24):
+        parts = evaluate.evaluate_run(run, device="cpu", out_dir=tmp_path / f"c{chunk}", chunk=chunk)
+        assert parts == one
+        assert (tmp_path / f"c{chunk}" / "per_class.csv").read_text() == (tmp_path / "one" / "per_class.csv").read_text()
+    # and the run's own evaluation (batches of 512, one chunk) gives the same figures again
+    assert json.loads(json.dumps(one)) == json.loads((run / "metrics.json").read_text())
+
+
 def test_evaluate_command(finished_run, capsys):
     run, metrics, _ = finished_run
     assert main(["evaluate", str(run), "--json"]) == 0

@@ -1,6 +1,6 @@
-"""The one epoch loop every trained stage uses (experts, flat baseline, early fusion,
-end-to-end fine-tuning): in-memory data, per-batch augmentation, a cosine schedule,
-a checkpoint after every epoch (atomic), ``--resume`` from the last completed epoch, and a
+"""The one epoch loop every trained stage uses (experts, the N-way layer, flat baseline, early
+fusion, end-to-end fine-tuning): data in memory or streamed, per-batch augmentation, a cosine (or
+constant) rate, a checkpoint after every epoch (atomic), ``--resume`` from the last completed epoch, and a
 JSONL line per epoch (with TensorBoard scalars beside it: :mod:`dmde.core.tensorboard`).
 
 Every random draw of epoch e comes from a generator seeded by (seed, e), so resuming at an
@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from dmde.core.tensorboard import event_writer, write_scalars
 log = logging.getLogger("dmde.train")
 
 #: The optimisers of :func:`make_optimizer`.
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class OptimConfig:
 
     epochs: int = 4
     batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | adam (weight decay as an L2 term in the gradient)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -89,14 +90,23 @@ def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
                                nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise DmdeValueError(f"unknown optimizer {cfg.optimizer!r} (use sgd or adamw)")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise DmdeValueError(f"unknown optimizer {cfg.optimizer!r} (use {', '.join(OPTIMIZERS)})")
 
 
-def lr_at(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
-    """Linear warm-up, then cosine decay to zero over the whole run."""
+def optim_part(cfg: OptimConfig) -> OptimConfig:
+    """The :class:`OptimConfig` part of a stage's config (e.g. the experts'), as its own object."""
+    return OptimConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(OptimConfig)})
+
+
+def lr_at(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int, constant: bool = False) -> float:
+    """Linear warm-up, then cosine decay to zero over the whole run (or the ``constant`` rate)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return cfg.lr * (step + 1) / warm
+    if constant:
+        return cfg.lr
     t = (step - warm) / max(1, total - warm)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
@@ -138,6 +148,9 @@ def fit(
     params: Sequence[nn.Parameter] | None = None,
     data_parallel: bool = False,
     precision: str | int = "32",
+    shuffle: bool = True,
+    constant_lr: bool = False,
+    resume_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resuming from ``ckpt_path`` when it exists.
 
@@ -148,7 +161,9 @@ def fit(
     each rank takes its slice of every global batch (``world × batch_size`` samples), gradients
     are averaged, and rank 0 writes the checkpoint. ``precision`` (32, bf16, fp16): the forward pass
     and loss under :func:`dmde.core.precision.autocast`; fp16 scales the loss, its scaler saved with
-    the checkpoint.
+    the checkpoint. ``shuffle=False``: each epoch in the order ``epoch_samples`` gives;
+    ``constant_lr``: no decay after the warm-up (the layers trained on precomputed inputs).
+    ``resume_state``: the checkpoint at ``ckpt_path`` when the caller has already read it.
     """
     device = torch.device(device)
     path = Path(ckpt_path)
@@ -167,7 +182,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
     start, metrics = 0, {}
     if path.exists():  # resume: first check that the checkpoint is this model's, then load it
-        state = load_checkpoint(path)
+        state = resume_state if resume_state is not None else load_checkpoint(path)
         missing = [k for k in ("model", "optimizer", "epoch") if k not in state]
         if missing:
             raise MismatchError(f"checkpoint {path} is not a dmde training checkpoint (no {', '.join(missing)}); "
@@ -207,8 +222,9 @@ def fit(
         if on_epoch_start is not None:
             on_epoch_start(epoch, gen)
         idx, labels = epoch_samples(epoch)
-        order = torch.randperm(idx.numel(), generator=gen)
-        idx, labels = idx[order], labels[order]
+        if shuffle:
+            order = torch.randperm(idx.numel(), generator=gen)
+            idx, labels = idx[order], labels[order]
         model.train()
         tot_loss = 0.0
         correct = seen = 0
@@ -222,7 +238,7 @@ def fit(
             # (the ranks' augmentation draws may differ)
             x = to_model_input(raw, data, cfg.augment, cfg.crop_padding, gen, device)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step, total, steps[epoch])
+                g["lr"] = lr_at(cfg, step, total, steps[epoch], constant_lr)
             with autocast(precision, device):
                 loss, logits = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -253,11 +269,12 @@ def fit(
             state["scaler"] = scaler.state_dict()
         if extra_state is not None:
             state.update(extra_state())
-        if rank == 0:
-            save_checkpoint(path, state)
+        if rank == 0:  # the log line first: one past the checkpoint is dropped on resume, a missing one is not restored
+            log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
             write_scalars(board, metrics)
+            save_checkpoint(path, state)
             extra = "".join(f", {k} {v:.3f}" for k, v in metrics.items()
                             if k.startswith("holdout_") and isinstance(v, float))
             acc = f", train acc {metrics['train_acc']:.3f}" if scored else ""  # a loss may keep its logits

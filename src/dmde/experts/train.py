@@ -187,8 +187,9 @@ def train_expert(
         raise DmdeValueError(f"task group {j} is empty")
     path = expert_path(out_dir, j)
     identity = expert_identity(cfg, ontology_hash, group_wnids)
-    if path.exists():  # refuse another run's checkpoint before building anything
-        check_expert_checkpoint(load_checkpoint(path), ontology_hash, group_wnids, where=str(path),
+    state = load_checkpoint(path) if path.exists() else None  # read once: checked here, resumed by fit
+    if state is not None:  # refuse another run's checkpoint before building anything
+        check_expert_checkpoint(state, ontology_hash, group_wnids, where=str(path),
                                 config_hash=identity["config_hash"])
     torch.manual_seed(mix_seed(cfg.seed, j, Salt.EXPERT_INIT))  # initial weights depend on (seed, j) only
     expert = build_expert(cfg, len(group))
@@ -244,6 +245,7 @@ def train_expert(
         progress=progress,
         stop_after_epoch=stop_after_epoch,
         precision=precision,
+        resume_state=state,
     )
     return {"expert": j, **metrics}
 

@@ -358,15 +358,26 @@ def fit_calibration(logits: Tensor, slots: Tensor, bias: bool = True, steps: int
     return log_t.detach().exp().float(), b.detach().float()
 
 
+def calibration_sums(prob: Tensor, outcome: Tensor, sums: Tensor) -> Tensor:
+    """Add ``prob`` (n,) in [0, 1] and ``outcome`` (n,) bool into the per-bin sums ``sums``
+    (2, bins) float64 (Σ p_i, Σ o_i over each equal-width bin of [0, 1]), in place: chunks of
+    images added in order give the sums of one pass over them all."""
+    bins = sums.shape[1]
+    p = prob.double().clamp(0, 1)
+    which = (p * bins).long().clamp(max=bins - 1)
+    sums[0].index_add_(0, which, p)
+    sums[1].index_add_(0, which, outcome.double())
+    return sums
+
+
+def calibration_error(sums: Tensor, n: int) -> float:
+    """ECE from :func:`calibration_sums` over ``n`` images:
+    Σ_b (n_b / n)·|mean p_b − mean o_b| = Σ_b |Σ_{i∈b} p_i − Σ_{i∈b} o_i| / n."""
+    return float((sums[0] - sums[1]).abs().sum() / n) if n else float("nan")
+
+
 def expected_calibration_error(prob: Tensor, outcome: Tensor, bins: int = 15) -> float:
     """ECE of a binary probability: Σ_b (n_b / n) · |mean prob in bin b − share of outcomes|,
     equal-width bins on [0, 1]. ``prob`` (n,) in [0, 1], ``outcome`` (n,) bool."""
-    if prob.numel() == 0:
-        return float("nan")
-    p = prob.double().clamp(0, 1)
-    o = outcome.double()
-    which = (p * bins).long().clamp(max=bins - 1)
-    # Σ_b (n_b / n)·|mean p_b − mean o_b| = Σ_b |Σ_{i∈b} p_i − Σ_{i∈b} o_i| / n
-    ps = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, p)
-    os_ = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, o)
-    return float(((ps - os_).abs()).sum() / p.numel())
+    sums = calibration_sums(prob, outcome, torch.zeros(2, bins, dtype=torch.float64))
+    return calibration_error(sums, prob.numel())

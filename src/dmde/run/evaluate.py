@@ -12,7 +12,6 @@ and a stage-by-stage accounting of where the mixture loses accuracy:
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import os
 import time
@@ -26,13 +25,7 @@ import torch
 from dmde.core.errors import DmdeValueError
 from dmde.core.io import DirectoryLock, ensure_directory, write_json
 from dmde.core.training import predict_logits
-from dmde.fusion.stacking import (
-    LOG_VARIANTS,
-    expected_calibration_error,
-    group_slots,
-    restrict_to_true_groups,
-    stack,
-)
+from dmde.fusion.stacking import LOG_VARIANTS, restrict_to_true_groups, stack
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.semantic import shortest_path_distances
 from dmde.hierarchy.taxonomy import two_layer_distances
@@ -41,42 +34,30 @@ from dmde.run.config import resolve_device
 from dmde.run.plots import plot_per_class
 from dmde.run.prepare import prepare_splits, run_wordnet
 from dmde.run.store import load_models
+from dmde.run.tally import TOPK, ExpertTally, ScoreTally, restricted_hits, share
 
-TOPK = (1, 2, 5, 10)
 #: One line per model evaluated (INFO): progress that shows without progress bars.
 log = logging.getLogger("dmde.evaluate")
+#: Images per forward pass in evaluation, and the memory one chunk of evaluated images may take
+#: (every model's scores and the mixtures' expert probabilities; :func:`chunk_images`).
+EVAL_BATCH = 512
+EVAL_MEMORY = 512 * 2**20
 
 
 def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = TOPK) -> dict[str, float]:
     """Share of samples whose true class is among the k highest scores, for each k (k ≤ N)."""
-    if scores.shape[0] != targets.shape[0]:
-        raise DmdeValueError(f"{scores.shape[0]} score rows for {targets.shape[0]} targets")
-    n = scores.shape[1]
-    kmax = min(max(ks), n)
-    top = scores.topk(kmax, dim=1).indices  # (B, kmax)
-    hit = top == targets.unsqueeze(1)
-    return {f"top{k}": float(hit[:, : min(k, n)].any(1).float().mean()) for k in ks}
+    return ScoreTally(scores.shape[1], None, ks).add(scores, targets).topk()
 
 
 def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor, n_classes: int) -> np.ndarray:
     """Top-1 accuracy of every class (NaN for a class without samples)."""
-    pred = scores.argmax(1)
-    correct = torch.bincount(targets[pred == targets], minlength=n_classes).double()
-    total = torch.bincount(targets, minlength=n_classes).double()
-    acc = (correct / total).numpy()
-    acc[total.numpy() == 0] = np.nan
-    return acc
+    return ScoreTally(n_classes).add(scores, targets).per_class()
 
 
 def mistake_distance(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray) -> float:
     """Mean WordNet distance D (edges + 1, Eq. 1) between true and predicted class over the
     top-1 mistakes: a hierarchy-aware error (smaller means the mistakes are nearer misses)."""
-    pred = scores.argmax(1)
-    wrong = pred != targets
-    if not bool(wrong.any()):
-        return float("nan")
-    d = dist[targets[wrong].numpy(), pred[wrong].numpy()]
-    return float(np.mean(d + 1))
+    return ScoreTally(scores.shape[1], dist).add(scores, targets).metrics()["mistake_distance"]
 
 
 def class_distances(wnids: Sequence[str], wordnet_dir: str | None = None) -> np.ndarray:
@@ -98,36 +79,7 @@ def run_distances(onto: Ontology, cfg) -> np.ndarray | None:
 
 def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray | None) -> dict[str, Any]:
     """Top-k accuracies, mistake distance and image count of one score matrix (B, N)."""
-    m: dict[str, Any] = topk_accuracy(scores, targets)
-    if dist is not None:
-        m["mistake_distance"] = mistake_distance(scores, targets, dist)
-    m["n_images"] = int(targets.numel())
-    return m
-
-
-def evaluate_models(models: dict[str, torch.nn.Module], data, n_classes: int, dist: np.ndarray | None,
-                    device: torch.device | str = "cpu", progress: bool = False,
-                    keep_scores: Sequence[str] = (),
-                    scores: dict[str, torch.Tensor | Callable[[], torch.Tensor]] | None = None) -> tuple[dict, dict]:
-    """Metrics of every model on ``data`` (an :class:`~dmde.core.training.ImageTensors`), and their
-    per-class accuracies. ``scores`` gives models' score matrices already computed (they are not
-    run again); those of the models named in ``keep_scores`` are returned under ``metrics["_scores"]``."""
-    metrics, per_class, kept = {}, {}, {}
-    for name, model in models.items():
-        if scores is not None and name in scores:  # a matrix, or a function making it (made, used, dropped)
-            out = scores[name]() if callable(scores[name]) else scores[name]
-        else:
-            model.eval()
-            t0 = time.perf_counter()
-            out = predict_logits(model, data, device=device, progress=progress, desc=f"eval {name}")
-            _log_pass(f"eval {name}", len(data), t0)
-        metrics[name] = score_metrics(out, data.targets, dist)
-        per_class[name] = per_class_accuracy(out, data.targets, n_classes)
-        if name in keep_scores:
-            kept[name] = out
-    if kept:
-        metrics["_scores"] = kept
-    return metrics, per_class
+    return ScoreTally(scores.shape[1], dist).add(scores, targets).metrics()
 
 
 #: The mixtures of a run (:func:`dmde.run.store.load_models`), scored through their experts' probabilities.
@@ -135,9 +87,10 @@ MIXTURES = ("mixture_upsilon", "mixture_nway", "mixture")
 
 
 def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device | str = "cpu",
-                  progress: bool = False) -> dict[str, torch.Tensor]:
+                  progress: bool = False, seconds: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Padded expert probabilities P (n, G, Mmax+1) of each mixture of ``models`` on ``data``, one
-    pass of the experts per mixture; mixtures with the same experts and calibration share it."""
+    pass of the experts per mixture; mixtures with the same experts and calibration share it.
+    ``seconds``: each pass's time is added to its mixture's entry (else logged)."""
     out: dict[str, torch.Tensor] = {}
     for name in MIXTURES:
         model = models.get(name)
@@ -150,15 +103,17 @@ def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device
         model.eval()
         g = len(model.experts)
         t0 = time.perf_counter()
-        out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, device=device,
-                                   progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
-        _log_pass(f"eval experts of {name}", len(data), t0)
+        out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, batch_size=EVAL_BATCH,
+                                   device=device, progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
+        if seconds is None:
+            _log_pass(f"eval experts of {name}", len(data), time.perf_counter() - t0)
+        else:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
     return out
 
 
-def _log_pass(what: str, n: int, t0: float) -> None:
+def _log_pass(what: str, n: int, seconds: float) -> None:
     """One line per pass over the evaluation images (INFO): the CLI shows it, also with --no-progress."""
-    seconds = time.perf_counter() - t0
     log.info("%s: %d images, %.0f img/s, %.1f s", what, n, n / max(seconds, 1e-9), seconds)
 
 
@@ -168,7 +123,7 @@ def _same_experts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """``model(x)`` from its experts' probabilities P: Υ (Eq. 7 or the variant), then the N-way layer
     in the batches :func:`~dmde.core.training.predict_logits` uses, so the numbers equal a direct pass."""
     u = stack(P, model.layout.to("cpu"), model.stacking, model.eps, model.lam)
@@ -183,10 +138,7 @@ def restricted_top1(scores: torch.Tensor, targets: torch.Tensor, classes: Sequen
     (a flat model read as if it were the expert of that group). NaN without such images."""
     cols = torch.as_tensor(list(classes), dtype=torch.long)
     inside = torch.isin(targets, cols)
-    if not bool(inside.any()):
-        return float("nan")
-    pred = cols[scores[inside][:, cols].argmax(1)]
-    return float((pred == targets[inside]).float().mean())
+    return share(restricted_hits(scores, targets, cols, inside), int(inside.sum()))
 
 
 def expert_accounting(P: torch.Tensor, layout, targets: torch.Tensor,
@@ -196,75 +148,75 @@ def expert_accounting(P: torch.Tensor, layout, targets: torch.Tensor,
     model restricted to the same classes and images), ``nig_recall`` (images outside the group
     called not-in-group: φ above every in-group probability), ``false_nig_rate`` (images inside it
     called not-in-group) and ``phi_ece`` (expected calibration error of 1 − φ as the probability
-    that the image belongs to the group)."""
-    slots = group_slots(layout, targets)  # (B, G), Mmax outside
-    mmax = layout.max_size
-    has_nig = P.shape[-1] == mmax + 1  # False for the "w/o not-in-group" ablation
-    rows = []
-    for j, classes in enumerate(layout.groups):
-        m = len(classes)
-        inside = slots[:, j] < mmax
-        p = P[:, j]
-        row: dict[str, float] = {"expert": j, "classes": m, "images_in": int(inside.sum()),
-                                 "group_top1": float((p[inside, :m].argmax(1) == slots[inside, j]).float().mean())
-                                 if inside.any() else float("nan")}
-        if flat_scores is not None:
-            row["flat_group_top1"] = restricted_top1(flat_scores, targets, classes)
-        if has_nig:
-            says_nig = p[:, mmax] > p[:, :m].max(1).values
-            row["nig_recall"] = float(says_nig[~inside].float().mean()) if (~inside).any() else float("nan")
-            row["false_nig_rate"] = float(says_nig[inside].float().mean()) if inside.any() else float("nan")
-            row["phi_ece"] = expected_calibration_error(1.0 - p[:, mmax], inside)
-        rows.append(row)
-    return rows
+    that the image belongs to the group). Chunk by chunk: :class:`~dmde.run.tally.ExpertTally`."""
+    return ExpertTally(layout).add(P, targets, flat_scores).rows()
 
 
-def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torch.Tensor], targets: torch.Tensor,
-                       dist: np.ndarray | None, flat_scores: torch.Tensor | None = None) -> tuple[dict[str, dict], dict]:
-    """The accounting rows of a run's mixtures, from their experts' probabilities ``probs``
-    (:func:`mixture_probs`): ``mixture_oracle`` (the trained experts, Υ from the groups that hold
-    the true class), ``mixture_upsilon_calibrated`` (argmax Υ after the fusion stage's
-    calibration, when there is one), ``mixture_upsilon_eq7`` / ``mixture_upsilon_poe`` (argmax of
-    the stacking the run did not use, on the same calibrated experts) and
-    ``mixture_finetuned_oracle`` (the oracle of the fine-tuned experts); and the per-expert table (:func:`expert_accounting`) of the trained experts, with the
-    φ calibration error after calibration when the run calibrates."""
-    base = models.get("mixture_upsilon")
-    if base is None:
-        return {}, {}
-    layout = base.layout.to("cpu")  # the probabilities are on the CPU
-    y = targets
+class MixtureAccounting:
+    """The accounting rows of a run's mixtures, from their experts' probabilities
+    (:func:`mixture_probs`), added chunk by chunk of images: ``mixture_oracle`` (the trained
+    experts, Υ from the groups that hold the true class), ``mixture_upsilon_calibrated`` (argmax Υ
+    after the fusion stage's calibration, when there is one), ``mixture_upsilon_eq7`` /
+    ``mixture_upsilon_poe`` (argmax of the stacking the run did not use, on the same calibrated
+    experts) and ``mixture_finetuned_oracle`` (the oracle of the fine-tuned experts); and the
+    per-expert table (:func:`expert_accounting`) of the trained experts, with the φ calibration
+    error after calibration when the run calibrates."""
 
-    def stacked(model: torch.nn.Module, P: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        return stack(P, layout, variant or model.stacking, model.eps, model.lam)
+    def __init__(self, models: dict[str, torch.nn.Module], dist: np.ndarray | None) -> None:
+        self.models, self.dist = models, dist
+        self.base = models.get("mixture_upsilon")
+        self.layout = self.base.layout.to("cpu") if self.base is not None else None  # P is on the CPU
+        self.experts = ExpertTally(self.layout) if self.base is not None else None
+        self.tallies: dict[str, ScoreTally] = {}
 
-    def oracle(model: torch.nn.Module, P: torch.Tensor) -> torch.Tensor:
+    def _stacked(self, model: torch.nn.Module, P: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        return stack(P, self.layout, variant or model.stacking, model.eps, model.lam)
+
+    def _oracle(self, model: torch.nn.Module, P: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
         if model.stacking not in LOG_VARIANTS:  # Eq. 7 and kin: only the true groups' terms
-            return stacked(model, restrict_to_true_groups(P, layout, y))
+            return self._stacked(model, restrict_to_true_groups(P, layout, y))
         # A log score gives −69 to every class of a zeroed group (even one a true group holds):
         # keep the full score and rule out the classes outside the true groups instead.
         holds = (layout.class_index.unsqueeze(0) == y.view(-1, 1, 1)).any(-1)  # (B, G)
         member = torch.zeros(layout.n_groups, layout.n_classes, dtype=torch.bool)
         member[torch.arange(layout.n_groups).repeat_interleave(layout.sizes), layout.flat_class] = True
         allowed = (holds.float() @ member.float()) > 0  # (B, N)
-        return stacked(model, P).masked_fill(~allowed, float("-inf"))
+        return self._stacked(model, P).masked_fill(~allowed, float("-inf"))
 
-    P = probs["mixture_upsilon"]
-    rows = {"mixture_oracle": score_metrics(oracle(base, P), y, dist)}
-    Pc = probs.get("mixture_nway", P)
-    for variant in ("eq7", "poe"):  # the other stacking on the same (calibrated) experts: paired
-        if variant != base.stacking and P.shape[-1] == layout.max_size + 1:
-            rows[f"mixture_upsilon_{variant}"] = score_metrics(stacked(base, Pc, variant), y, dist)
-    table = expert_accounting(P, layout, y, flat_scores)
-    if Pc is not P:  # the fusion stage calibrated the experts
-        rows["mixture_upsilon_calibrated"] = score_metrics(stacked(models["mixture_nway"], Pc), y, dist)
-        slots = group_slots(layout, y)
-        for j, row in enumerate(table):
-            row["phi_ece_calibrated"] = expected_calibration_error(1.0 - Pc[:, j, -1], slots[:, j] < layout.max_size)
-    Pf = probs.get("mixture")
-    if Pf is not None:
-        rows["mixture_finetuned_oracle"] = score_metrics(
-            oracle(models["mixture"], Pf), y, dist)
-    return rows, {"experts": table}
+    def _add(self, name: str, scores: torch.Tensor, y: torch.Tensor) -> None:
+        self.tallies.setdefault(name, ScoreTally(scores.shape[1], self.dist)).add(scores, y)
+
+    def add(self, probs: dict[str, torch.Tensor], targets: torch.Tensor,
+            flat_scores: torch.Tensor | None = None) -> MixtureAccounting:
+        base, y = self.base, targets
+        if base is None:
+            return self
+        P = probs["mixture_upsilon"]
+        self._add("mixture_oracle", self._oracle(base, P, y), y)
+        Pc = probs.get("mixture_nway", P)
+        for variant in ("eq7", "poe"):  # the other stacking on the same (calibrated) experts: paired
+            if variant != base.stacking and P.shape[-1] == self.layout.max_size + 1:
+                self._add(f"mixture_upsilon_{variant}", self._stacked(base, Pc, variant), y)
+        calibrated = Pc is not P  # the fusion stage calibrated the experts
+        if calibrated:
+            self._add("mixture_upsilon_calibrated", self._stacked(self.models["mixture_nway"], Pc), y)
+        self.experts.add(P, y, flat_scores, Pc if calibrated else None)
+        Pf = probs.get("mixture")
+        if Pf is not None:
+            self._add("mixture_finetuned_oracle", self._oracle(self.models["mixture"], Pf, y), y)
+        return self
+
+    def results(self) -> tuple[dict[str, dict], dict]:
+        if self.base is None:
+            return {}, {}
+        return {k: t.metrics() for k, t in self.tallies.items()}, {"experts": self.experts.rows()}
+
+
+def mixture_accounting(models: dict[str, torch.nn.Module], probs: dict[str, torch.Tensor], targets: torch.Tensor,
+                       dist: np.ndarray | None, flat_scores: torch.Tensor | None = None) -> tuple[dict[str, dict], dict]:
+    """:class:`MixtureAccounting` of one chunk: every image at once."""
+    return MixtureAccounting(models, dist).add(probs, targets, flat_scores).results()
 
 
 #: The order of the rows in metrics.json and the printed table: the accounting reads top down.
@@ -284,36 +236,74 @@ def write_per_class(path: str | os.PathLike, wnids: Sequence[str], lemmas: Seque
 
 
 def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | str = "auto",
-                 progress: bool = False, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                 progress: bool = False, out_dir: str | os.PathLike | None = None,
+                 chunk: int | None = None) -> dict[str, Any]:
     """Evaluate every model of a run on ``data`` (default: the run's own hold-out split) and
     write ``metrics.json``, ``per_class.csv`` and ``per_class.png`` (into ``out_dir`` or the run),
-    holding that directory's lock."""
+    holding that directory's lock. The images go through in chunks of ``chunk`` (default:
+    :func:`chunk_images`), the figures accumulated as counts (:mod:`dmde.run.tally`)."""
     run_dir = Path(run_dir)
     device = resolve_device(device)
     models, cfg = load_models(run_dir, device)  # not a run, or a broken one: nothing is written
     out = ensure_directory(out_dir if out_dir is not None else run_dir, "evaluation output directory")
     with DirectoryLock(out):
-        return _evaluate_run(run_dir, models, cfg, data, device, progress, out)
+        return _evaluate_run(run_dir, models, cfg, data, device, progress, out, chunk)
+
+
+def chunk_images(models: dict[str, torch.nn.Module], n_classes: int, budget: int = EVAL_MEMORY) -> int:
+    """Images per evaluation chunk: what fits ``budget`` bytes (a few score matrices of N floats and
+    each mixture's G × (Mmax + 1) probabilities per image), in whole batches of :data:`EVAL_BATCH`
+    (so the batches, and the numbers, are those of one pass over every image)."""
+    per_image = 6 * n_classes * 4
+    for name in MIXTURES:
+        if name in models:
+            layout = models[name].layout
+            per_image += layout.n_groups * (layout.max_size + 1) * 4
+    return max(EVAL_BATCH, budget // per_image // EVAL_BATCH * EVAL_BATCH)
 
 
 def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, device: torch.device,
-                  progress: bool, out: Path) -> dict[str, Any]:
+                  progress: bool, out: Path, chunk: int | None = None) -> dict[str, Any]:
     onto = Ontology.from_json(run_dir / "ontology.json")
     if data is None:
         splits = prepare_splits(cfg, run_wordnet(cfg), progress=progress, cache_dir=run_dir, device=device)
         data = splits.align(onto.positions_or(splits.classes)).holdout
     dist = run_distances(onto, cfg)
-    probs = mixture_probs(models, data, device, progress)  # each mixture's experts run once
-    # one (n, N) score matrix at a time: at N = 10^4 each is n × 40 KB (benchmarks/paper_scale.py)
-    scores = {name: functools.partial(mixture_scores, models[name], P) for name, P in probs.items()}
-    metrics, per_class = evaluate_models(models, data, onto.n_classes, dist, device, progress, keep_scores=("flat",),
-                                         scores=scores)
-    flat_scores = metrics.pop("_scores", {}).get("flat")
-    rows, accounting = mixture_accounting(models, probs, data.targets, dist, flat_scores)
+    n = onto.n_classes
+    tallies = {name: ScoreTally(n, dist) for name in models}
+    accounting = MixtureAccounting(models, dist)
+    seconds = dict.fromkeys(models, 0.0)
+    size = chunk or chunk_images(models, n)
+    for s in range(0, len(data), size):  # memory bounded by the chunk: counts carry the figures
+        part = data.subset(torch.arange(s, min(len(data), s + size)))
+        probs = mixture_probs(models, part, device, progress, seconds)  # each mixture's experts run once
+        flat_scores = None
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            if name in probs:
+                scores = mixture_scores(model, probs[name])
+            else:
+                model.eval()
+                scores = predict_logits(model, part, batch_size=EVAL_BATCH, device=device, progress=progress,
+                                        desc=f"eval {name}")
+            seconds[name] += time.perf_counter() - t0
+            tallies[name].add(scores, part.targets)
+            if name == "flat":
+                flat_scores = scores
+            del scores  # one (chunk, N) score matrix at a time
+        accounting.add(probs, part.targets, flat_scores)
+        del probs, flat_scores
+        if size < len(data):
+            log.info("evaluated %d of %d images", min(len(data), s + size), len(data))
+    for name in models:
+        _log_pass(f"eval {name}", len(data), seconds[name])
+    metrics = {name: t.metrics() for name, t in tallies.items()}
+    per_class = {name: t.per_class() for name, t in tallies.items()}
+    rows, expert_table = accounting.results()
     metrics.update(rows)
     metrics = {k: metrics[k] for k in sorted(metrics, key=lambda k: ROW_ORDER.index(k) if k in ROW_ORDER else 99)}
-    if accounting:
-        metrics["accounting"] = accounting
+    if expert_table:
+        metrics["accounting"] = expert_table
     write_json(out / "metrics.json", metrics)
     write_per_class(out / "per_class.csv", onto.classes, onto.lemmas, per_class)
     plot_per_class(per_class, out / "per_class.png", names=onto.lemmas, named="mixture")

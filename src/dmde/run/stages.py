@@ -55,7 +55,7 @@ def _data(cfg: RunConfig) -> str:
 def _ontology(cfg: RunConfig) -> dict[str, Any]:
     """The ontology's settings; a taxonomy file enters by its content (an edited file redoes the
     ontology), a visual tree with the features it is built from (``groups.visual_*``)."""
-    out = {k: v for k, v in to_dict(cfg.ontology).items() if LATER.get(k, object()) != v}
+    out = _later(to_dict(cfg.ontology))
     tax = Path(cfg.ontology.taxonomy) if cfg.ontology.taxonomy is not None else None
     if tax is not None and tax.is_file():  # (a missing file is validate()'s error)
         out["taxonomy"] = hashlib.sha256(tax.read_bytes()).hexdigest()
@@ -64,14 +64,19 @@ def _ontology(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def _later(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the :data:`LATER` ones left at their defaults."""
+    return {k: v for k, v in settings.items() if LATER.get(k, object()) != v}
+
+
 def _experts(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg.experts).items() if LATER.get(k, object()) != v}
+    return _later(to_dict(cfg.experts))
 
 
 def _fusion(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the fusion stage's settings, the fine-tuning's): ``batched`` goes with the stage it runs."""
-    fusion = {k: v for k, v in to_dict(cfg.fusion).items() if LATER.get(k, object()) != v}
-    finetune = fusion.pop("finetune")
+    fusion = _later(to_dict(cfg.fusion))
+    finetune = _later(fusion.pop("finetune"))
     fusion.pop("batched")
     finetune["batched"] = fusion.pop("batched_finetune")
     return fusion, finetune
@@ -99,24 +104,25 @@ TABLE: tuple[Stage, ...] = (
           lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else [])
           + _precision(c),
           _always, "dmde.experts.train.train_all_experts"),
-    Stage("fusion", ("experts",), "fusion", ("fusion.pt",),
+    Stage("fusion", ("experts",), "fusion", ("fusion.pt", "fusion.jsonl", "fusion.tb"),
           lambda c, h: [h["experts"], _fusion(c)[0]], lambda c: c.fusion.nway != "none",
           "dmde.run.trainers.train_fusion"),
-    Stage("finetune", ("fusion",), "fusion.finetune", ("mixture.pt", "mixture.jsonl"),
+    Stage("finetune", ("fusion",), "fusion.finetune", ("mixture.pt", "mixture.jsonl", "mixture.tb"),
           lambda c, h: [h["fusion"], _fusion(c)[1]], lambda c: c.fusion.finetune.epochs > 0,
           "dmde.run.trainers.finetune", parallel=True),
     # how the experts start and how long they run are not the flat model's settings
-    Stage("flat", ("ontology",), "baselines", ("flat.pt", "flat.jsonl"),
+    Stage("flat", ("ontology",), "baselines", ("flat.pt", "flat.jsonl", "flat.tb"),
           lambda c, h: [h["ontology"], _data(c), {k: v for k, v in _experts(c).items() if k not in ("init", "budget")},
                         c.baselines.epochs] + _precision(c),
           lambda c: c.baselines.flat or c.experts.init == "flat", "dmde.run.trainers.train_flat", parallel=True),
-    Stage("flat_wide", ("flat", "groups"), "baselines", ("flat_wide.pt", "flat_wide.jsonl"),
+    Stage("flat_wide", ("flat", "groups"), "baselines", ("flat_wide.pt", "flat_wide.jsonl", "flat_wide.tb"),
           lambda c, h: [h["flat"], h["groups"], c.fusion.nway, c.fusion.rank],
           lambda c: c.baselines.width_matched_flat, "dmde.run.trainers.train_flat", parallel=True),
     Stage("ensemble", ("flat", "groups"), "baselines", ("ensemble",),
           lambda c, h: [h["flat"], h["groups"], "ensemble"], lambda c: c.baselines.ensemble,
           "dmde.run.trainers.train_flat", parallel=True),
-    Stage("early_fusion", ("experts",), "baselines", ("early_fusion.pt",),
+    Stage("early_fusion", ("experts",), "baselines", ("early_fusion.pt", "early_fusion.train.pt",
+                                                           "early_fusion.train.jsonl", "early_fusion.train.tb"),
           lambda c, h: [h["experts"], c.baselines.early_fusion_epochs], lambda c: c.baselines.early_fusion,
           "dmde.run.trainers.train_early_fusion"),
     # every model of the run is measured: its hash covers every other stage

@@ -2,7 +2,6 @@
 N-way layer and calibration (Eq. 10), end-to-end fine-tuning (Eq. 11) and the baselines' training."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmde.baselines.models import EarlyFusion, flat_model, width_matched_flat
-from dmde.core.checkpoint import save_checkpoint
+from dmde.core.checkpoint import load_checkpoint, save_checkpoint
 from dmde.core.errors import DmdeValueError
 from dmde.core.training import (
     ImageTensors,
@@ -19,6 +18,7 @@ from dmde.core.training import (
     Salt,
     fit,
     mix_seed,
+    optim_part,
     predict_logits,
 )
 from dmde.experts.backbones import create_backbone
@@ -112,29 +112,48 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
         calibration = calibrate_mixture(mixture, data, bias=f.calibrate == "temperature_bias", device=device,
                                         progress=progress, precision=precision)
     ups = predict_logits(mixture.upsilon, data, device=device, progress=progress, desc="Υ",
-                         precision=precision).to(device)  # (n_img, N)
+                         precision=precision).to(device)  # (n_img, N), computed again on resume
     torch.manual_seed(mix_seed(Salt.NWAY_INIT, n))
     nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f)).to(device)
     init = {k: v.clone() for k, v in nway.state_dict().items()}
-    opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
-    g = torch.Generator().manual_seed(mix_seed(Salt.NWAY_ORDER, n))
-    y = data.targets.to(device)
-    for _ in range(f.epochs):
-        order = torch.randperm(len(y), generator=g).to(device)
-        for s in range(0, len(y), f.batch_size):
-            b = order[s : s + f.batch_size]
-            loss = F.cross_entropy(nway(ups[b]), y[b])
-            if f.identity_l2 > 0:  # stay near the initial (identity) map
-                loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in nway.named_parameters())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def loss_fn(m: nn.Module, u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(u)
+        loss = F.cross_entropy(logits, y)
+        if f.identity_l2 > 0:  # stay near the initial (identity) map
+            loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in m.named_parameters())
+        return loss, logits
+
+    y = data.targets
+    ocfg = OptimConfig(epochs=f.epochs, batch_size=f.batch_size, optimizer="adam", lr=f.lr, weight_decay=0.0,
+                       augment=False)
+    metrics = fit(nway, ImageTensors(ups, y, kind="features"), ocfg, loss_fn, path,
+                  epoch_samples=_orders(len(y), f.epochs, y, mix_seed(Salt.NWAY_ORDER, n)),
+                  extra_state=lambda: {"kind": "nway", **calibration}, device=device, desc="fusion",
+                  progress=progress, shuffle=False, constant_lr=True)
     with torch.no_grad():
-        acc = float((nway(ups).argmax(1) == y).float().mean())
-        acc0 = float((ups.argmax(1) == y).float().mean())
-    metrics = {"fusion_train_acc": acc, "upsilon_train_acc": acc0}
-    save_checkpoint(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics, **calibration})
+        nway.eval()
+        y = y.to(device)
+        metrics = {**metrics, "fusion_train_acc": float((nway(ups).argmax(1) == y).float().mean()),
+                   "upsilon_train_acc": float((ups.argmax(1) == y).float().mean())}
+    _set_metrics(path, metrics)
     return metrics
+
+
+def _orders(n_samples: int, epochs: int, targets: torch.Tensor, seed: int):
+    """``epoch_samples`` for :func:`fit` with ``shuffle=False``: epoch e's order is the e-th
+    permutation of one generator seeded by ``seed`` (the layers trained on precomputed inputs
+    draw their orders this way, so their numbers are those of the loop they had before)."""
+    g = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(n_samples, generator=g) for _ in range(epochs)]
+    return lambda e: (orders[e], targets[orders[e]])
+
+
+def _set_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write a stage's final metrics into the last checkpoint ``fit`` left (resume still works)."""
+    state = load_checkpoint(path)
+    state["metrics"] = metrics
+    save_checkpoint(path, state)
 
 
 def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
@@ -195,7 +214,7 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
         torch.manual_seed(mix_seed(cfg.experts.seed, *seeds))
         model = flat_model(cfg.experts, n)
     model = model.to(device)
-    ocfg = OptimConfig(**{f.name: getattr(cfg.experts, f.name) for f in dataclasses.fields(OptimConfig)})
+    ocfg = optim_part(cfg.experts)
     if cfg.baselines.epochs is not None:
         ocfg.epochs = cfg.baselines.epochs
 
@@ -219,20 +238,21 @@ def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTens
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
     lin = nn.Linear(z.shape[1], n).to(device)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(mix_seed(Salt.EARLY_FUSION_ORDER, n))
-    targets = data.targets.to(device)
-    for _ in range(cfg.baselines.early_fusion_epochs):
-        order = torch.randperm(len(z), generator=g).to(device)
-        for s in range(0, len(z), 256):
-            b = order[s : s + 256]
-            loss = F.cross_entropy(lin(z[b]), targets[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def loss_fn(m: nn.Module, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(v)
+        return F.cross_entropy(logits, y), logits
+
+    # the layer trains on standardised features (checkpointed per epoch beside the result); the
+    # standardisation is then folded into the layer that early_fusion.pt holds
+    ocfg = OptimConfig(epochs=cfg.baselines.early_fusion_epochs, batch_size=256, optimizer="adam", lr=1e-3,
+                       weight_decay=1e-4, augment=False)
+    metrics = fit(lin, ImageTensors(z, data.targets, kind="features"), ocfg, loss_fn, path.with_suffix(".train.pt"),
+                  epoch_samples=_orders(len(z), ocfg.epochs, data.targets, mix_seed(Salt.EARLY_FUSION_ORDER, n)),
+                  device=device, desc="early fusion", progress=progress, shuffle=False, constant_lr=True)
     with torch.no_grad():  # fold the standardisation into the layer
         w = lin.weight / sd
         model.classifier.weight.copy_(w)
         model.classifier.bias.copy_(lin.bias - w @ mu)
-    save_checkpoint(path, {"kind": "early_fusion", "model": model.classifier.state_dict()})
-    return {}
+    save_checkpoint(path, {"kind": "early_fusion", "model": model.classifier.state_dict(), "metrics": metrics})
+    return metrics

@@ -1,0 +1,139 @@
+"""The N-way layer and early fusion train through the one loop (``training.fit``): per-epoch
+checkpoints, a resume equal to an uninterrupted run, and the numbers of the hand-written Adam
+loops they replaced (written out here as the known answer)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dmde.core.training as training
+from dmde.core.checkpoint import load_checkpoint
+from dmde.core.training import ImageTensors, Salt, mix_seed, predict_logits
+from dmde.experts.expert import Expert
+from dmde.fusion.mixture import Mixture, NWaySoftmax
+from dmde.run.config import BaselinesConfig, FusionConfig, RunConfig
+from dmde.run.trainers import train_early_fusion, train_fusion
+
+N = 6
+GROUPS = [[0, 1, 2], [2, 3, 4], [4, 5, 0]]
+
+
+def _experts() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [Expert.build("small_cnn", len(g), width=4).eval() for g in GROUPS]
+
+
+def _data(n_per_class: int = 7) -> ImageTensors:
+    g = torch.Generator().manual_seed(1)
+    targets = torch.arange(N).repeat_interleave(n_per_class)
+    return ImageTensors(torch.randint(0, 256, (len(targets), 3, 12, 12), dtype=torch.uint8, generator=g), targets)
+
+
+def _old_nway_loop(experts, data, f: FusionConfig) -> dict[str, torch.Tensor]:
+    """The N-way layer's training as it was before it went through ``fit``."""
+    mixture = Mixture(list(experts), GROUPS, N, stacking=f.stacking, eps=f.eps, lam=f.lam).eval()
+    ups = predict_logits(mixture.upsilon, data)
+    torch.manual_seed(mix_seed(Salt.NWAY_INIT, N))
+    nway = NWaySoftmax(N, kind=f.nway, rank=f.rank, input=f.input)
+    init = {k: v.clone() for k, v in nway.state_dict().items()}
+    opt = torch.optim.Adam(nway.parameters(), lr=f.lr)
+    g = torch.Generator().manual_seed(mix_seed(Salt.NWAY_ORDER, N))
+    y = data.targets
+    for _ in range(f.epochs):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), f.batch_size):
+            b = order[s : s + f.batch_size]
+            loss = F.cross_entropy(nway(ups[b]), y[b])
+            loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in nway.named_parameters())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return nway.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "dense"])
+def test_nway_layer_through_fit_gives_the_old_loops_weights(kind, tmp_path):
+    f = FusionConfig(nway=kind, rank=2, epochs=4, batch_size=8, lr=0.01, identity_l2=0.01)
+    experts, data = _experts(), _data()
+    metrics = train_fusion(tmp_path / "fusion.pt", experts, GROUPS, N, data, f, torch.device("cpu"), False)
+    state = load_checkpoint(tmp_path / "fusion.pt")
+    want = _old_nway_loop(experts, data, f)
+    assert state["kind"] == "nway" and state["model"].keys() == want.keys()
+    for k in want:
+        assert torch.equal(state["model"][k], want[k]), k
+    assert state["epoch"] == 4 and state["metrics"] == metrics
+    assert {"fusion_train_acc", "upsilon_train_acc", "train_loss"} <= set(metrics)
+    lines = (tmp_path / "fusion.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]  # one line per epoch
+
+
+def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    f = FusionConfig(nway="lowrank", rank=2, epochs=4, batch_size=8, lr=0.01, calibrate="temperature_bias")
+    experts, data = _experts(), _data()
+    train_fusion(tmp_path / "a.pt", experts, GROUPS, N, data, f, torch.device("cpu"), False)
+
+    real = training.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_two(p, state):
+        real(p, state)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(tmp_path / "b.pt", _experts(), GROUPS, N, data, f, torch.device("cpu"), False)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 2
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    train_fusion(tmp_path / "b.pt", _experts(), GROUPS, N, data, f, torch.device("cpu"), False)
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["temperature"], b["temperature"]) and torch.equal(a["nig_bias"], b["nig_bias"])
+    assert a["metrics"] == {**b["metrics"], "seconds": a["metrics"]["seconds"],
+                            "images_per_s": a["metrics"]["images_per_s"]}
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4
+
+
+def test_early_fusion_through_fit_gives_the_old_loops_classifier(tmp_path):
+    cfg = RunConfig(baselines=BaselinesConfig(early_fusion=True, early_fusion_epochs=3), progress=False)
+    experts, data = _experts(), _data()
+    train_early_fusion(tmp_path / "early_fusion.pt", experts, data, N, cfg, torch.device("cpu"), False)
+    got = load_checkpoint(tmp_path / "early_fusion.pt")["model"]
+
+    # the known answer: the loop it replaced, on the same standardised features
+    feats = predict_logits(lambda x: torch.cat([e.features(x) for e in experts], 1), data)
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    torch.manual_seed(mix_seed(Salt.EARLY_FUSION_INIT, N))
+    nn.Linear(z.shape[1], N)  # (EarlyFusion's own classifier draws first)
+    lin = nn.Linear(z.shape[1], N)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(mix_seed(Salt.EARLY_FUSION_ORDER, N))
+    for _ in range(3):
+        order = torch.randperm(len(z), generator=g)
+        for s in range(0, len(z), 256):
+            b = order[s : s + 256]
+            loss = F.cross_entropy(lin(z[b]), data.targets[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    w = lin.weight.detach() / sd
+    assert torch.equal(got["weight"], w) and torch.equal(got["bias"], lin.bias.detach() - w @ mu)
+    assert len((tmp_path / "early_fusion.train.jsonl").read_text().splitlines()) == 3
+
+
+def test_constant_rate_after_the_warm_up_and_adam_takes_an_l2_term():
+    from dmde.core.training import OptimConfig, lr_at, make_optimizer
+
+    cfg = OptimConfig(lr=0.1, warmup_epochs=1)
+    assert lr_at(cfg, 0, 100, 10, constant=True) == pytest.approx(0.01)  # warm-up: step 1 of 10
+    assert lr_at(cfg, 50, 100, 10, constant=True) == 0.1 and lr_at(cfg, 99, 100, 10, constant=True) == 0.1
+    assert lr_at(cfg, 55, 100, 10) == pytest.approx(0.05)  # cosine: half-way through the decay
+    p = nn.Parameter(torch.ones(2))
+    opt = make_optimizer(OptimConfig(optimizer="adam", lr=0.1, weight_decay=0.5), [p])
+    assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.5
