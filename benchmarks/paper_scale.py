@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--resume", action="store_true",
                     help="keep --out's shards and finished stages; time only the stages still to do")
+    ap.add_argument("--redo", nargs="*", default=(), choices=STAGES, metavar="STAGE",
+                    help="with --resume: do these finished stages again (and time them), e.g. --redo evaluate")
     args = ap.parse_args()
 
     from dmde.data.shards import write_shards
@@ -81,7 +83,13 @@ def main() -> int:
 
     t0 = time.perf_counter()
     holdout, fusion = 2, 2
-    done = json.loads((out / "run" / "stages.json").read_text()) if (out / "run" / "stages.json").exists() else {}
+    stages_path = out / "run" / "stages.json"
+    done = json.loads(stages_path.read_text()) if stages_path.exists() else {}
+    for stage in args.redo:  # not done: `dmde train --until` does it again (same hash, outputs rewritten)
+        if stage in done:
+            done[stage]["done"] = False
+    if args.redo:
+        stages_path.write_text(json.dumps(done, indent=1))
     data = DataConfig(dataset="shards", root=str(out / "shards"), image_size=args.image_size,
                       holdout_per_class=holdout, fusion_per_class=fusion, storage="stream", workers=args.workers)
     ds = HierarchicalSynthetic(category_of, wnids, args.train_per_class + holdout + fusion, size=args.image_size)
