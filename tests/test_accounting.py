@@ -206,3 +206,61 @@ def test_accounting_of_a_product_of_experts_run():
     assert rows["mixture_oracle"]["top1"] == pytest.approx(1.0)  # classes {0, 1} only for image 0
     assert rows["mixture_upsilon_eq7"]["top1"] == pytest.approx(0.5)  # Eq. 7 also picks 2 for image 0
     assert "mixture_upsilon_poe" not in rows and len(table["experts"]) == 2
+
+
+def _nan_equal(a, b) -> bool:
+    return (a != a and b != b) or a == b
+
+
+def test_tallies_added_in_chunks_equal_the_single_pass_formulas():
+    """ScoreTally and ExpertTally over chunks of 7 images against the figures written out on the
+    whole matrices, with a class and a group that no image belongs to (NaN entries)."""
+    from dmde.run.tally import ExpertTally, ScoreTally
+
+    g = torch.Generator().manual_seed(0)
+    n, b = 12, 50
+    y = torch.randint(0, n - 1, (b,), generator=g)  # class 11 has no image
+    scores = torch.randn(b, n, generator=g)
+    dist = torch.randint(1, 6, (n, n), generator=g).numpy()
+    tally = ScoreTally(n, dist)
+    for s in range(0, b, 7):
+        tally.add(scores[s : s + 7], y[s : s + 7])
+    m, per_class = tally.metrics(), tally.per_class()
+    rank = (scores > scores.gather(1, y[:, None])).sum(1)  # classes scored above the true one
+    for k in (1, 2, 5, 10):
+        assert m[f"top{k}"] == float((rank < k).float().mean())
+    pred = scores.argmax(1)
+    wrong = pred != y
+    assert m["mistake_distance"] == pytest.approx(float((dist[y[wrong], pred[wrong]] + 1).mean()), abs=0)
+    for c in range(n):
+        want = float((pred[y == c] == c).double().mean()) if (y == c).any() else float("nan")
+        assert _nan_equal(float(per_class[c]), want), c
+    assert math.isnan(per_class[n - 1]) and m["n_images"] == b
+
+    groups = [[0, 1, 2, 3], [3, 4, 5, 6], [11]]  # no image of group 2's class
+    layout = GroupLayout.from_groups(groups, n)
+    P = torch.softmax(torch.randn(b, 3, 5, generator=g), -1)
+    Pc = torch.softmax(torch.randn(b, 3, 5, generator=g), -1)
+    et = ExpertTally(layout)
+    for s in range(0, b, 7):
+        et.add(P[s : s + 7], y[s : s + 7], scores[s : s + 7], Pc[s : s + 7])
+    rows = et.rows()
+    for j, classes in enumerate(groups):
+        m_j = len(classes)
+        inside = torch.isin(y, torch.tensor(classes))
+        slot = torch.tensor([classes.index(int(c)) if int(c) in classes else -1 for c in y])
+        p = P[:, j]
+        says_nig = p[:, 4] > p[:, :m_j].max(1).values
+        cols = torch.tensor(classes)
+        want = {
+            "group_top1": float((p[inside, :m_j].argmax(1) == slot[inside]).float().mean()) if inside.any() else math.nan,
+            "flat_group_top1": restricted_top1(scores, y, classes),
+            "nig_recall": float(says_nig[~inside].float().mean()),
+            "false_nig_rate": float(says_nig[inside].float().mean()) if inside.any() else math.nan,
+            "phi_ece": expected_calibration_error(1 - p[:, 4], inside),
+            "phi_ece_calibrated": expected_calibration_error(1 - Pc[:, j, 4], inside),
+        }
+        assert rows[j]["images_in"] == int(inside.sum()) and cols.numel() == rows[j]["classes"]
+        for key, value in want.items():
+            assert _nan_equal(rows[j][key], value), (j, key, rows[j][key], value)
+    assert math.isnan(rows[2]["group_top1"]) and math.isnan(rows[2]["flat_group_top1"])

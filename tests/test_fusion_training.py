@@ -65,13 +65,26 @@ def test_nway_layer_through_fit_gives_the_old_loops_weights(kind, tmp_path):
     assert state["kind"] == "nway" and state["model"].keys() == want.keys()
     for k in want:
         assert torch.equal(state["model"][k], want[k]), k
-    assert state["epoch"] == 4 and state["metrics"] == metrics
+    assert state["metrics"] == metrics and "optimizer" not in state  # what evaluation loads: the layer
     assert {"fusion_train_acc", "upsilon_train_acc", "train_loss"} <= set(metrics)
-    lines = (tmp_path / "fusion.jsonl").read_text().splitlines()
+    assert not (tmp_path / "fusion.train.pt").exists()  # the training checkpoint is dropped once done
+    lines = (tmp_path / "fusion.train.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]  # one line per epoch
 
 
-def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_nway_layer_with_no_epochs_is_the_identity_map(tmp_path):
+    f = FusionConfig(nway="lowrank", rank=2, epochs=0)
+    train_fusion(tmp_path / "fusion.pt", _experts(), GROUPS, N, _data(), f, torch.device("cpu"), False)
+    torch.manual_seed(mix_seed(Salt.NWAY_INIT, N))
+    init = NWaySoftmax(N, kind="lowrank", rank=2, input=f.input).state_dict()
+    got = load_checkpoint(tmp_path / "fusion.pt")["model"]
+    assert all(torch.equal(got[k], init[k]) for k in init)
+
+
+@pytest.mark.parametrize("crash", ["after", "before"])
+def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(crash, tmp_path, monkeypatch):
+    """A crash after epoch 2's checkpoint, or between epoch 3's log line and its checkpoint (the
+    line then goes: the resumed run writes it again)."""
     f = FusionConfig(nway="lowrank", rank=2, epochs=4, batch_size=8, lr=0.01, calibrate="temperature_bias")
     experts, data = _experts(), _data()
     train_fusion(tmp_path / "a.pt", experts, GROUPS, N, data, f, torch.device("cpu"), False)
@@ -79,16 +92,19 @@ def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, 
     real = training.save_checkpoint
     calls = {"n": 0}
 
-    def crash_after_two(p, state):
-        real(p, state)
+    def crash_at(p, state):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if crash == "before" and calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(p, state)
+        if crash == "after" and calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", crash_after_two)
+    monkeypatch.setattr(training, "save_checkpoint", crash_at)
     with pytest.raises(KeyboardInterrupt):
         train_fusion(tmp_path / "b.pt", _experts(), GROUPS, N, data, f, torch.device("cpu"), False)
-    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "b.train.pt")["epoch"] == 2 and not (tmp_path / "b.pt").exists()
+    assert len((tmp_path / "b.train.jsonl").read_text().splitlines()) == (3 if crash == "before" else 2)
     monkeypatch.setattr(training, "save_checkpoint", real)
     train_fusion(tmp_path / "b.pt", _experts(), GROUPS, N, data, f, torch.device("cpu"), False)
     a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
@@ -96,7 +112,8 @@ def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, 
     assert torch.equal(a["temperature"], b["temperature"]) and torch.equal(a["nig_bias"], b["nig_bias"])
     assert a["metrics"] == {**b["metrics"], "seconds": a["metrics"]["seconds"],
                             "images_per_s": a["metrics"]["images_per_s"]}
-    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b.train.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
 
 
 def test_early_fusion_through_fit_gives_the_old_loops_classifier(tmp_path):
@@ -125,6 +142,7 @@ def test_early_fusion_through_fit_gives_the_old_loops_classifier(tmp_path):
     w = lin.weight.detach() / sd
     assert torch.equal(got["weight"], w) and torch.equal(got["bias"], lin.bias.detach() - w @ mu)
     assert len((tmp_path / "early_fusion.train.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "early_fusion.train.pt").exists()
 
 
 def test_constant_rate_after_the_warm_up_and_adam_takes_an_l2_term():

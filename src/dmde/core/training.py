@@ -3,8 +3,9 @@ fusion, end-to-end fine-tuning): data in memory or streamed, per-batch augmentat
 constant) rate, a checkpoint after every epoch (atomic), ``--resume`` from the last completed epoch, and a
 JSONL line per epoch (with TensorBoard scalars beside it: :mod:`dmde.core.tensorboard`).
 
-Every random draw of epoch e comes from a generator seeded by (seed, e), so resuming at an
-epoch boundary gives the same weights as an uninterrupted run.
+Every random draw of epoch e comes from a generator seeded by (seed, e) (or, with
+``shuffle=False``, from the caller's ``epoch_samples(e)``, which must give the same order for the
+same e), so resuming at an epoch boundary gives the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 

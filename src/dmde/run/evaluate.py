@@ -15,7 +15,7 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +44,6 @@ EVAL_BATCH = 512
 EVAL_MEMORY = 512 * 2**20
 
 
-def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = TOPK) -> dict[str, float]:
-    """Share of samples whose true class is among the k highest scores, for each k (k ≤ N)."""
-    return ScoreTally(scores.shape[1], None, ks).add(scores, targets).topk()
-
-
-def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor, n_classes: int) -> np.ndarray:
-    """Top-1 accuracy of every class (NaN for a class without samples)."""
-    return ScoreTally(n_classes).add(scores, targets).per_class()
-
-
-def mistake_distance(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray) -> float:
-    """Mean WordNet distance D (edges + 1, Eq. 1) between true and predicted class over the
-    top-1 mistakes: a hierarchy-aware error (smaller means the mistakes are nearer misses)."""
-    return ScoreTally(scores.shape[1], dist).add(scores, targets).metrics()["mistake_distance"]
-
-
 def class_distances(wnids: Sequence[str], wordnet_dir: str | None = None) -> np.ndarray:
     """Shortest hypernym-path distances (edges) between the classes (N, N)."""
     wn = WordNet.load(wordnet_dir)
@@ -75,11 +59,6 @@ def run_distances(onto: Ontology, cfg) -> np.ndarray | None:
     if cfg.ontology.source == "taxonomy":
         return two_layer_distances(onto.category)
     return None
-
-
-def score_metrics(scores: torch.Tensor, targets: torch.Tensor, dist: np.ndarray | None) -> dict[str, Any]:
-    """Top-k accuracies, mistake distance and image count of one score matrix (B, N)."""
-    return ScoreTally(scores.shape[1], dist).add(scores, targets).metrics()
 
 
 #: The mixtures of a run (:func:`dmde.run.store.load_models`), scored through their experts' probabilities.
@@ -123,13 +102,14 @@ def _same_experts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def mixture_scores(model: torch.nn.Module, P: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """``model(x)`` from its experts' probabilities P: Υ (Eq. 7 or the variant), then the N-way layer
     in the batches :func:`~dmde.core.training.predict_logits` uses, so the numbers equal a direct pass."""
     u = stack(P, model.layout.to("cpu"), model.stacking, model.eps, model.lam)
     if model.nway is None:
         return u
     dev = model.temperature.device
+    batch_size = batch_size or EVAL_BATCH
     return torch.cat([model.nway(u[s : s + batch_size].to(dev)).float().cpu() for s in range(0, len(u), batch_size)])
 
 
@@ -240,8 +220,9 @@ def evaluate_run(run_dir: str | os.PathLike, data=None, device: torch.device | s
                  chunk: int | None = None) -> dict[str, Any]:
     """Evaluate every model of a run on ``data`` (default: the run's own hold-out split) and
     write ``metrics.json``, ``per_class.csv`` and ``per_class.png`` (into ``out_dir`` or the run),
-    holding that directory's lock. The images go through in chunks of ``chunk`` (default:
-    :func:`chunk_images`), the figures accumulated as counts (:mod:`dmde.run.tally`)."""
+    holding that directory's lock. The images go through in chunks of ``chunk`` (rounded up to whole
+    batches of :data:`EVAL_BATCH`; default: :func:`chunk_images`), the figures accumulated as counts
+    (:mod:`dmde.run.tally`)."""
     run_dir = Path(run_dir)
     device = resolve_device(device)
     models, cfg = load_models(run_dir, device)  # not a run, or a broken one: nothing is written
@@ -273,7 +254,8 @@ def _evaluate_run(run_dir: Path, models: dict[str, torch.nn.Module], cfg, data, 
     tallies = {name: ScoreTally(n, dist) for name in models}
     accounting = MixtureAccounting(models, dist)
     seconds = dict.fromkeys(models, 0.0)
-    size = chunk or chunk_images(models, n)
+    # whole batches per chunk: the batches, and so the numbers, of one pass over every image
+    size = -(-chunk // EVAL_BATCH) * EVAL_BATCH if chunk else chunk_images(models, n)
     for s in range(0, len(data), size):  # memory bounded by the chunk: counts carry the figures
         part = data.subset(torch.arange(s, min(len(data), s + size)))
         probs = mixture_probs(models, part, device, progress, seconds)  # each mixture's experts run once

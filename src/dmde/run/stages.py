@@ -104,7 +104,8 @@ TABLE: tuple[Stage, ...] = (
           lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else [])
           + _precision(c),
           _always, "dmde.experts.train.train_all_experts"),
-    Stage("fusion", ("experts",), "fusion", ("fusion.pt", "fusion.jsonl", "fusion.tb"),
+    Stage("fusion", ("experts",), "fusion", ("fusion.pt", "fusion.train.pt", "fusion.train.jsonl",
+                                               "fusion.train.tb"),
           lambda c, h: [h["experts"], _fusion(c)[0]], lambda c: c.fusion.nway != "none",
           "dmde.run.trainers.train_fusion"),
     Stage("finetune", ("fusion",), "fusion.finetune", ("mixture.pt", "mixture.jsonl", "mixture.tb"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmde.baselines.models import EarlyFusion, flat_model, width_matched_flat
-from dmde.core.checkpoint import load_checkpoint, save_checkpoint
+from dmde.core.checkpoint import save_checkpoint
 from dmde.core.errors import DmdeValueError
 from dmde.core.training import (
     ImageTensors,
@@ -127,33 +127,42 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
     y = data.targets
     ocfg = OptimConfig(epochs=f.epochs, batch_size=f.batch_size, optimizer="adam", lr=f.lr, weight_decay=0.0,
                        augment=False)
-    metrics = fit(nway, ImageTensors(ups, y, kind="features"), ocfg, loss_fn, path,
-                  epoch_samples=_orders(len(y), f.epochs, y, mix_seed(Salt.NWAY_ORDER, n)),
-                  extra_state=lambda: {"kind": "nway", **calibration}, device=device, desc="fusion",
-                  progress=progress, shuffle=False, constant_lr=True)
+    metrics = fit(nway, ImageTensors(ups, y, kind="features"), ocfg, loss_fn, path.with_suffix(".train.pt"),
+                  epoch_samples=_orders(len(y), f.epochs, y, mix_seed(Salt.NWAY_ORDER, n)), device=device,
+                  desc="fusion", progress=progress, shuffle=False, constant_lr=True)
     with torch.no_grad():
         nway.eval()
         y = y.to(device)
         metrics = {**metrics, "fusion_train_acc": float((nway(ups).argmax(1) == y).float().mean()),
                    "upsilon_train_acc": float((ups.argmax(1) == y).float().mean())}
-    _set_metrics(path, metrics)
+    _finish(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics, **calibration})
     return metrics
 
 
 def _orders(n_samples: int, epochs: int, targets: torch.Tensor, seed: int):
     """``epoch_samples`` for :func:`fit` with ``shuffle=False``: epoch e's order is the e-th
     permutation of one generator seeded by ``seed`` (the layers trained on precomputed inputs
-    draw their orders this way, so their numbers are those of the loop they had before)."""
+    draw their orders this way, so their numbers are those of the loops they had before). The
+    generator's state before each epoch is kept (a few KB), not the orders."""
     g = torch.Generator().manual_seed(seed)
-    orders = [torch.randperm(n_samples, generator=g) for _ in range(epochs)]
-    return lambda e: (orders[e], targets[orders[e]])
+    states = []
+    for _ in range(epochs):
+        states.append(g.get_state())
+        torch.randperm(n_samples, generator=g)
+
+    def epoch_samples(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.randperm(n_samples, generator=torch.Generator().set_state(states[e]))
+        return order, targets[order]
+
+    return epoch_samples
 
 
-def _set_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write a stage's final metrics into the last checkpoint ``fit`` left (resume still works)."""
-    state = load_checkpoint(path)
-    state["metrics"] = metrics
+def _finish(path: Path, state: dict[str, Any]) -> None:
+    """Write a layer trained on precomputed inputs (what evaluation and prediction load), then drop
+    the training checkpoint beside it: ``path`` appears only once training is over, and an
+    interruption before that resumes from the training checkpoint."""
     save_checkpoint(path, state)
+    path.with_suffix(".train.pt").unlink(missing_ok=True)
 
 
 def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
@@ -243,8 +252,8 @@ def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTens
         logits = m(v)
         return F.cross_entropy(logits, y), logits
 
-    # the layer trains on standardised features (checkpointed per epoch beside the result); the
-    # standardisation is then folded into the layer that early_fusion.pt holds
+    # the layer trains on standardised features (checkpointed per epoch in early_fusion.train.pt);
+    # the standardisation is then folded into the layer that early_fusion.pt holds
     ocfg = OptimConfig(epochs=cfg.baselines.early_fusion_epochs, batch_size=256, optimizer="adam", lr=1e-3,
                        weight_decay=1e-4, augment=False)
     metrics = fit(lin, ImageTensors(z, data.targets, kind="features"), ocfg, loss_fn, path.with_suffix(".train.pt"),
@@ -254,5 +263,5 @@ def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTens
         w = lin.weight / sd
         model.classifier.weight.copy_(w)
         model.classifier.bias.copy_(lin.bias - w @ mu)
-    save_checkpoint(path, {"kind": "early_fusion", "model": model.classifier.state_dict(), "metrics": metrics})
+    _finish(path, {"kind": "early_fusion", "model": model.classifier.state_dict(), "metrics": metrics})
     return metrics
