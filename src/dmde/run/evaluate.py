@@ -69,7 +69,7 @@ def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device
                   progress: bool = False, seconds: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Padded expert probabilities P (n, G, Mmax+1) of each mixture of ``models`` on ``data``, one
     pass of the experts per mixture; mixtures with the same experts and calibration share it.
-    ``seconds``: each pass's time is added to its mixture's entry (else logged)."""
+    ``seconds``: each pass's time is added to its mixture's entry."""
     out: dict[str, torch.Tensor] = {}
     for name in MIXTURES:
         model = models.get(name)
@@ -84,9 +84,7 @@ def mixture_probs(models: dict[str, torch.nn.Module], data, device: torch.device
         t0 = time.perf_counter()
         out[name] = predict_logits(lambda x: model.expert_probs(x).flatten(1), data, batch_size=EVAL_BATCH,
                                    device=device, progress=progress, desc=f"experts of {name}").view(len(data), g, -1)
-        if seconds is None:
-            _log_pass(f"eval experts of {name}", len(data), time.perf_counter() - t0)
-        else:
+        if seconds is not None:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
     return out
 

@@ -33,6 +33,12 @@ from dmde.run.prepare import Splits
 from dmde.run.store import expert_similarities, nway_input
 
 
+def cross_entropy(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a model with one N-way softmax (flat, early fusion, the N-way layer), for :func:`fit`."""
+    logits = m(x)
+    return F.cross_entropy(logits, y), logits
+
+
 def n_categories(cfg: RunConfig, n: int) -> int | None:
     """K of the ontology, checked against the number of classes."""
     k = cfg.ontology.categories
@@ -118,8 +124,7 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
     init = {k: v.clone() for k, v in nway.state_dict().items()}
 
     def loss_fn(m: nn.Module, u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = m(u)
-        loss = F.cross_entropy(logits, y)
+        loss, logits = cross_entropy(m, u, y)
         if f.identity_l2 > 0:  # stay near the initial (identity) map
             loss = loss + f.identity_l2 * sum(((p - init[k]) ** 2).sum() for k, p in m.named_parameters())
         return loss, logits
@@ -227,11 +232,7 @@ def train_flat(path: Path, data: ImageTensors, n: int, cfg: RunConfig, ontology_
     if cfg.baselines.epochs is not None:
         ocfg.epochs = cfg.baselines.epochs
 
-    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = m(x)
-        return F.cross_entropy(logits, y), logits
-
-    return fit(model, data, ocfg, loss_fn, path, identity={"ontology_hash": ontology_hash},
+    return fit(model, data, ocfg, cross_entropy, path, identity={"ontology_hash": ontology_hash},
                extra_state=(lambda: dict(extra)) if extra else None,
                seed_parts=seeds, device=device, desc=path.stem, progress=progress, data_parallel=True,
                precision=cfg.precision)
@@ -248,15 +249,12 @@ def train_early_fusion(path: Path, experts: Sequence[nn.Module], data: ImageTens
     z = (feats - mu) / sd
     lin = nn.Linear(z.shape[1], n).to(device)
 
-    def loss_fn(m: nn.Module, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = m(v)
-        return F.cross_entropy(logits, y), logits
-
     # the layer trains on standardised features (checkpointed per epoch in early_fusion.train.pt);
     # the standardisation is then folded into the layer that early_fusion.pt holds
     ocfg = OptimConfig(epochs=cfg.baselines.early_fusion_epochs, batch_size=256, optimizer="adam", lr=1e-3,
                        weight_decay=1e-4, augment=False)
-    metrics = fit(lin, ImageTensors(z, data.targets, kind="features"), ocfg, loss_fn, path.with_suffix(".train.pt"),
+    metrics = fit(lin, ImageTensors(z, data.targets, kind="features"), ocfg, cross_entropy,
+                  path.with_suffix(".train.pt"),
                   epoch_samples=_orders(len(z), ocfg.epochs, data.targets, mix_seed(Salt.EARLY_FUSION_ORDER, n)),
                   device=device, desc="early fusion", progress=progress, shuffle=False, constant_lr=True)
     with torch.no_grad():  # fold the standardisation into the layer
