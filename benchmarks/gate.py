@@ -7,7 +7,8 @@ are fitted on the fusion split and measured on the hold-out.
 
 Prints top-1 % on the hold-out for: Eq. 7 (raw and calibrated), the sum of in-group
 probabilities, the product of the experts (raw, calibrated), the product with a fitted
-per-expert scale/offset and per-class bias, and a logistic regression on every in-group log-odds.
+per-expert scale/offset and per-class bias, and a logistic regression on every in-group log-odds;
+then the temperature τ of the calibrated product and what it does to the hold-out's cross-entropy.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from dmde.core.training import predict_logits
-from dmde.fusion.stacking import GroupLayout, calibrate_logits, fit_calibration, group_slots, stack
+from dmde.fusion.calibration import calibrate_logits, fit_calibration, fit_pool_temperature
+from dmde.fusion.stacking import GroupLayout, group_slots, stack
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.wordnet import WordNet
 from dmde.run.prepare import prepare_splits
@@ -53,6 +55,7 @@ def main(run: Path) -> None:
     yf, yh = splits.fusion.targets, splits.holdout.targets
     print(f"run {run.name}: flat {acc(predict_logits(models['flat'], splits.holdout), yh):.2f}")
     print("| experts | stacking | top-1 |\n|---|---|---|")
+    taus = []
     for name in ("mixture_upsilon", "mixture"):  # the trained experts, then the fine-tuned ones
         m = models[name]
         with torch.no_grad():
@@ -87,6 +90,14 @@ def main(run: Path) -> None:
             rows[f"logistic regression on every log-odds (weight decay {wd:g})"] = (xh @ w + bias).detach()
         for rule, s in rows.items():
             print(f"| {'trained' if name == 'mixture_upsilon' else 'fine-tuned'} | {rule} | {acc(s, yh):.2f} |")
+        # the temperature τ of the product's scores (fusion.pool_temperature=fit): fitted on the fusion
+        # split; it moves no argmax, only the cross-entropy the N-way layer and fine-tuning start from
+        uf = stack(torch.softmax(calibrate_logits(zf, T, b), -1), layout, "poe")
+        tau = fit_pool_temperature(uf, yf)
+        u = rows["product, calibrated"]
+        taus.append(f"{name}: τ = {tau:.3f}, hold-out cross-entropy of the calibrated product "
+                    f"{float(F.cross_entropy(u, yh)):.2f} → {float(F.cross_entropy(tau * u, yh)):.2f}")
+    print("\n" + "\n".join(taus))
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

@@ -12,15 +12,8 @@ from dmde.baselines.models import FlatClassifier, FlatEnsemble
 from dmde.experts.backbones import create_backbone
 from dmde.experts.expert import Expert, init_from_flat
 from dmde.experts.train import ExpertsConfig, budget_epochs
-from dmde.fusion.stacking import (
-    GroupLayout,
-    calibrate_logits,
-    expected_calibration_error,
-    fit_calibration,
-    group_slots,
-    restrict_to_true_groups,
-    stack,
-)
+from dmde.fusion.calibration import calibrate_logits, expected_calibration_error, fit_calibration
+from dmde.fusion.stacking import GroupLayout, group_slots, restrict_to_true_groups, stack
 from dmde.run.evaluate import expert_accounting, restricted_top1
 
 

@@ -1,6 +1,6 @@
 """The N-way layer and early fusion train through the one loop (``training.fit``): per-epoch
 checkpoints, a resume equal to an uninterrupted run, and the numbers of the hand-written Adam
-loops they replaced (written out here as the known answer)."""
+loops they replaced (written out here as the known answer); the temperature τ of the fused scores."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,13 @@ from torch import nn
 
 import dmde.core.training as training
 from dmde.core.checkpoint import load_checkpoint
+from dmde.core.errors import DmdeValueError, MismatchError
 from dmde.core.training import ImageTensors, Salt, mix_seed, predict_logits
 from dmde.experts.expert import Expert
+from dmde.fusion.calibration import fit_pool_temperature
 from dmde.fusion.mixture import Mixture, NWaySoftmax
-from dmde.run.config import BaselinesConfig, FusionConfig, RunConfig
+from dmde.run.config import BaselinesConfig, FusionConfig, RunConfig, validate
+from dmde.run.stages import _fusion
 from dmde.run.trainers import train_early_fusion, train_fusion
 
 N = 6
@@ -85,7 +88,8 @@ def test_nway_layer_with_no_epochs_is_the_identity_map(tmp_path):
 def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(crash, tmp_path, monkeypatch):
     """A crash after epoch 2's checkpoint, or between epoch 3's log line and its checkpoint (the
     line then goes: the resumed run writes it again)."""
-    f = FusionConfig(nway="lowrank", rank=2, epochs=4, batch_size=8, lr=0.01, calibrate="temperature_bias")
+    f = FusionConfig(nway="lowrank", rank=2, epochs=4, batch_size=8, lr=0.01, calibrate="temperature_bias",
+                     pool_temperature="fit")
     experts, data = _experts(), _data()
     train_fusion(tmp_path / "a.pt", experts, GROUPS, N, data, f, torch.device("cpu"), False)
 
@@ -109,6 +113,7 @@ def test_nway_layer_resumed_after_a_crash_equals_an_uninterrupted_run(crash, tmp
     train_fusion(tmp_path / "b.pt", _experts(), GROUPS, N, data, f, torch.device("cpu"), False)
     a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert float(a["model"]["scale"]) != 1.0  # τ fitted, kept through training and the resume
     assert torch.equal(a["temperature"], b["temperature"]) and torch.equal(a["nig_bias"], b["nig_bias"])
     assert a["metrics"] == {**b["metrics"], "seconds": a["metrics"]["seconds"],
                             "images_per_s": a["metrics"]["images_per_s"]}
@@ -155,3 +160,113 @@ def test_constant_rate_after_the_warm_up_and_adam_takes_an_l2_term():
     p = nn.Parameter(torch.ones(2))
     opt = make_optimizer(OptimConfig(optimizer="adam", lr=0.1, weight_decay=0.5), [p])
     assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.5
+
+
+# ---- the temperature τ of the fused scores (fusion.pool_temperature): its fit recovers a known
+# temperature, it scales the N-way layer's input without moving argmax Υ, layers saved before it
+# existed load unchanged, and the fusion stage fits it on the fusion split
+@pytest.mark.parametrize("tau", [0.25, 0.6, 2.0])
+def test_fit_recovers_the_temperature_the_labels_were_drawn_with(tau):
+    g = torch.Generator().manual_seed(0)
+    z = 3.0 * torch.randn(20000, 10, generator=g)
+    y = torch.multinomial(torch.softmax(tau * z, -1), 1, generator=g).squeeze(1)
+    assert fit_pool_temperature(z, y) == pytest.approx(tau, rel=0.05)
+
+
+def test_fit_is_deterministic_and_checks_its_shapes():
+    g = torch.Generator().manual_seed(1)
+    z, y = torch.randn(300, 5, generator=g), torch.randint(0, 5, (300,), generator=g)
+    assert fit_pool_temperature(z, y) == fit_pool_temperature(z.clone(), y.clone())
+    with pytest.raises(MismatchError):
+        fit_pool_temperature(z, y[:-1])
+    with pytest.raises(MismatchError):
+        fit_pool_temperature(z[0], y[:1])
+
+
+def test_fit_on_many_scores_takes_a_seeded_sample_of_rows(monkeypatch):
+    import dmde.fusion.calibration as calibration
+
+    g = torch.Generator().manual_seed(2)
+    z = 3.0 * torch.randn(4000, 10, generator=g)
+    y = torch.multinomial(torch.softmax(0.5 * z, -1), 1, generator=g).squeeze(1)
+    monkeypatch.setattr(calibration, "POOL_FIT_ELEMENTS", 10 * 1000)  # 1,000 of the 4,000 rows
+    keep = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:1000]
+    assert fit_pool_temperature(z, y) == fit_pool_temperature(z[keep], y[keep]) != fit_pool_temperature(z[:1000], y[:1000])
+    assert fit_pool_temperature(z, y) == pytest.approx(0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_the_scale_multiplies_the_input_and_keeps_argmax_at_init(kind):
+    torch.manual_seed(0)
+    layer = NWaySoftmax(7, kind=kind, rank=2, input="upsilon")
+    u = torch.randn(9, 7)
+    base = layer(u)
+    layer.scale.fill_(0.3)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(7.0))
+    # A = I at init (U·Vᵀ = 0 for lowrank): logits = τ·z + b
+    assert torch.allclose(layer(u), 0.3 * u + torch.arange(7.0), atol=1e-6)
+    assert torch.allclose(base, u, atol=1e-6)
+    with torch.no_grad():
+        layer.bias.zero_()
+    assert torch.equal(layer(u).argmax(1), u.argmax(1))
+
+
+def test_layers_saved_before_the_scale_existed_load_with_scale_one():
+    torch.manual_seed(0)
+    layer = NWaySoftmax(5, kind="lowrank", rank=2, input="log")
+    assert layer.state_dict()._metadata[""]["version"] == 2  # saved with it: a missing key is then an error
+    old = {k: v for k, v in layer.state_dict().items() if k != "scale"}
+    fresh = NWaySoftmax(5, kind="lowrank", rank=2, input="log")
+    fresh.scale.fill_(4.0)
+    fresh.load_state_dict(old)  # strict: no missing key
+    assert float(fresh.scale) == 1.0
+    u = torch.rand(3, 5)
+    assert torch.equal(fresh(u), layer(u))
+    saved = layer.state_dict()
+    del saved["scale"]  # a file that was written with τ and lost it is refused, not read as τ = 1
+    with pytest.raises(RuntimeError, match="scale"):
+        fresh.load_state_dict(saved)
+    # the same inside a whole mixture (a fine-tuned mixture.pt of an older run)
+    mix = Mixture(_experts(), GROUPS, N, stacking="poe", nway=NWaySoftmax(N, kind="lowrank", rank=2, input="upsilon"))
+    state = {k: v for k, v in mix.state_dict().items() if k != "nway.scale"}
+    mix.nway.scale.fill_(2.0)
+    mix.load_state_dict(state)
+    assert float(mix.nway.scale) == 1.0
+
+
+@pytest.mark.parametrize("pool", ["none", "fit"])
+def test_the_fusion_stage_fits_tau_on_its_split(pool, tmp_path):
+    f = FusionConfig(stacking="poe", nway="lowrank", rank=2, epochs=0, pool_temperature=pool)
+    experts, data = _experts(), _data()
+    metrics = train_fusion(tmp_path / "fusion.pt", experts, GROUPS, N, data, f, torch.device("cpu"), False)
+    state = load_checkpoint(tmp_path / "fusion.pt")
+    mixture = Mixture(list(experts), GROUPS, N, stacking="poe").eval()
+    ups = predict_logits(mixture.upsilon, data)
+    want = fit_pool_temperature(ups, data.targets) if pool == "fit" else 1.0
+    assert float(state["model"]["scale"]) == pytest.approx(want, rel=1e-6)
+    assert metrics["pool_temperature"] == pytest.approx(want, rel=1e-6)
+    # with no epochs the layer is τ·Υ: argmax Υ, and the cross-entropy of the fitted τ
+    torch.manual_seed(mix_seed(Salt.NWAY_INIT, N))
+    layer = NWaySoftmax(N, kind="lowrank", rank=2, input="upsilon")
+    layer.load_state_dict(state["model"])
+    with torch.no_grad():
+        out = layer(ups)
+    assert torch.equal(out.argmax(1), ups.argmax(1))
+    if pool == "fit":  # the minimum of the cross-entropy over τ, against a fine grid
+        grid = min(float(F.cross_entropy(t * ups, data.targets)) for t in torch.linspace(0.01, 5.0, 500))
+        assert float(F.cross_entropy(out, data.targets)) <= grid + 1e-4
+
+
+def test_config_checks_and_the_stage_hash_of_the_default():
+    cfg = RunConfig()
+    assert "pool_temperature" not in _fusion(cfg)[0]  # the default leaves every existing run's hash as it was
+    cfg.fusion.pool_temperature = "fit"
+    assert _fusion(cfg)[0]["pool_temperature"] == "fit"
+    validate(cfg)
+    cfg.fusion.nway = "none"
+    with pytest.raises(DmdeValueError, match="fusion.pool_temperature='fit' scales the N-way layer's input"):
+        validate(cfg)
+    cfg.fusion.nway, cfg.fusion.pool_temperature = "lowrank", "auto"
+    with pytest.raises(DmdeValueError, match="is not one of none, fit"):
+        validate(cfg)

@@ -1,7 +1,8 @@
 """The N-way softmax on the stacked scores Υ and the whole mixture of experts (§IV-C, Eqs. 10–11).
 
-* :class:`NWaySoftmax` — logits = A·z + b with z = Υ or log(Υ + ε) (Eq. 10). A starts as the
-  identity, so before training the prediction is argmax Υ. ``kind='dense'`` stores A (N×N, the
+* :class:`NWaySoftmax` — logits = A·(τ z) + b with z = Υ or log(Υ + ε) (Eq. 10). A starts as the
+  identity, so before training the prediction is argmax Υ; τ (1 unless fitted on the fusion split,
+  ``fusion.pool_temperature=fit``) is a fixed scale. ``kind='dense'`` stores A (N×N, the
   paper's layer; 477 M parameters at N = 21,841); ``kind='lowrank'`` stores A = diag(a) + U·Vᵀ
   (a = 1, U small random, V = 0 at init): 2·r·N + 2·N parameters, linear in N.
 * :class:`Mixture` — experts → padded probabilities → Υ (:mod:`dmde.fusion.stacking`) → N-way logits.
@@ -40,12 +41,12 @@ from dmde.fusion.batched import (
     updated_buffers,
     wide_support,
 )
+from dmde.fusion.calibration import calibrate_logits
 from dmde.fusion.stacking import (
     DEFAULT_EPS,
     LOG_VARIANTS,
     VARIANTS,
     GroupLayout,
-    calibrate_logits,
     stack,
 )
 
@@ -80,6 +81,8 @@ class NWaySoftmax(nn.Module):
         if n_classes < 1:
             raise DmdeValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes, self.kind, self.input, self.log_eps = n_classes, kind, input, log_eps
+        # τ of the pooled scores (calibration.fit_pool_temperature), fixed while A and b train
+        self.register_buffer("scale", torch.ones(()))
         self.bias = nn.Parameter(torch.zeros(n_classes))
         if kind == "dense":
             self.A = nn.Parameter(torch.eye(n_classes))
@@ -91,17 +94,29 @@ class NWaySoftmax(nn.Module):
             self.U = nn.Parameter(torch.randn(n_classes, rank) * init_std)
             self.V = nn.Parameter(torch.zeros(n_classes, rank))
 
-    def forward(self, upsilon: Tensor) -> Tensor:
-        """Υ (B, N) → logits (B, N)."""
+    def inputs(self, upsilon: Tensor) -> Tensor:
+        """z (B, N), what A sees before the scale τ: log(Υ/ΣΥ + ε) (``input='log'``) or Υ."""
         if self.input == "log":
             share = upsilon / upsilon.sum(-1, keepdim=True).clamp_min(torch.finfo(upsilon.dtype).tiny)
-            z = torch.log(share + self.log_eps)  # (B, N), in [log ε, log(1 + ε)]
-        else:
-            z = upsilon
+            return torch.log(share + self.log_eps)  # (B, N), in [log ε, log(1 + ε)]
+        return upsilon
+
+    def forward(self, upsilon: Tensor) -> Tensor:
+        """Υ (B, N) → logits (B, N) = A·(τ z) + b."""
+        z = self.inputs(upsilon) * self.scale
         if self.kind == "dense":
             return F.linear(z, self.A, self.bias)
         # A z = a ⊙ z + U (Vᵀ z): O(N·r) per image.
         return z * self.diag + (z @ self.V) @ self.U.T + self.bias  # (B, r) → (B, N)
+
+    _version = 2  # 2: the buffer ``scale`` (τ)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
+        # a layer saved before τ existed (version 1, or a file without metadata: fusion.pt,
+        # mixture.pt, exports of older runs) loads with τ = 1, which is what it computed
+        if local_metadata.get("version", 1) < 2 and prefix + "scale" not in state_dict:
+            state_dict[prefix + "scale"] = torch.ones_like(self.scale)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def weight(self) -> Tensor:
         """A as a dense (N, N) matrix (materialises N² values: for small N and tests)."""

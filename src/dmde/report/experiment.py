@@ -319,6 +319,16 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
     if "view_epochs" in res:
         row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final),
             ("view_epochs", _final(res.get("view_epochs"))))
+    for wide in ("wide_groups", "wide_groups_tau"):
+        if wide in res:
+            row(f"each class in 4 of the 8 experts (M = 100, λ = 0.75) > in 2 (M = 50, λ = 0.5): {wide}",
+                (wide, _final(res.get(wide))), ("mixture", final))
+            row(f"the same at argmax Υ: {wide}", (wide, "mixture_upsilon"), ("mixture", "mixture_upsilon"))
+    for tau, base in (("pool_temperature", "mixture"), ("wide_groups_tau", "wide_groups")):
+        if tau in res and base in res:  # the fitted τ of the pooled scores, at the N-way layer and at the end
+            row(f"τ before the N-way layer helps it ({tau} > {base})", (tau, "mixture_nway"), (base, "mixture_nway"))
+            row(f"τ before the N-way layer helps the mixture ({tau} > {base})", (tau, _final(res.get(tau))),
+                (base, _final(res.get(base))))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
     if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
         row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))

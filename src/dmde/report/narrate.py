@@ -90,6 +90,8 @@ class Narrator:
         st = load_checkpoint(run / "fusion.pt")
         m = st.get("metrics", {})
         cal = " after each expert's temperature and not-in-group bias" if "temperature" in st else ""
+        tau = m.get("pool_temperature", 1.0)
+        cal += f", scaled by the fitted temperature τ = {tau:.3f}" if tau != 1.0 else ""
         return [f"[fusion] Eq. 7 stacks the experts' outputs into Υ{cal}; the N-way softmax (Eq. 10) "
                 f"learnt on the fusion split: {_pct(m.get('upsilon_train_acc'))} (argmax Υ) → "
                 f"{_pct(m.get('fusion_train_acc'))} there"]

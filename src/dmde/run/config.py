@@ -8,14 +8,15 @@ from typing import Any
 
 import torch
 
-from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.core.distributed import local_device
+from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.core.precision import PRECISIONS
 from dmde.core.training import OPTIMIZERS, OptimConfig
 from dmde.data.datasets import DATASETS, ON_CORRUPT, STORAGES
 from dmde.experts.train import BUDGETS, INITS, ExpertsConfig
+from dmde.fusion.calibration import CALIBRATIONS, POOL_TEMPERATURES
 from dmde.fusion.mixture import BATCH_MODES, NWAY_INPUTS, NWAY_KINDS
-from dmde.fusion.stacking import CALIBRATIONS, VARIANTS
+from dmde.fusion.stacking import VARIANTS
 from dmde.hierarchy.groups import ASSIGNMENTS
 
 #: What ``ontology.source`` may name (:class:`OntologyConfig`).
@@ -84,6 +85,9 @@ class FusionConfig:
     # Calibrate each expert's outputs on the fusion split before Eq. 7: none | temperature (T_j) |
     # temperature_bias (T_j and a bias b_j on the not-in-group logit: the 1:1 training view's prior).
     calibrate: str = "none"
+    # Temperature τ of the stacked scores before the N-way layer: none (τ = 1) | fit (τ on the fusion
+    # split, calibration.fit_pool_temperature): the product of the experts counts shared evidence once per expert.
+    pool_temperature: str = "none"
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
     # All experts in one pass (inference / fine-tuning): False/'loop', True/'auto' (the wide network
@@ -132,6 +136,7 @@ def validate(cfg: RunConfig) -> None:
         "fusion.nway": (cfg.fusion.nway, NWAY_KINDS + ("none",)),
         "fusion.input": (cfg.fusion.input, NWAY_INPUTS),
         "fusion.calibrate": (cfg.fusion.calibrate, CALIBRATIONS),
+        "fusion.pool_temperature": (cfg.fusion.pool_temperature, POOL_TEMPERATURES),
         "experts.init": (cfg.experts.init, INITS),
         "experts.budget": (cfg.experts.budget, BUDGETS),
         "experts.optimizer": (cfg.experts.optimizer, OPTIMIZERS),
@@ -169,6 +174,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fusion.calibrate != "none" and (cfg.fusion.nway == "none" or not cfg.experts.not_in_group):
         bad("fusion.calibrate", cfg.fusion.calibrate, "is fitted in the fusion stage: it needs fusion.nway "
             "(dense or lowrank) and experts with a not-in-group output")
+    if cfg.fusion.pool_temperature != "none" and cfg.fusion.nway == "none":
+        bad("fusion.pool_temperature", cfg.fusion.pool_temperature, "scales the N-way layer's input: it needs "
+            "fusion.nway (dense or lowrank)")
     if cfg.baselines.ensemble and not cfg.baselines.flat:
         bad("baselines.ensemble", cfg.baselines.ensemble, "takes the flat model as its first member: set baselines.flat=true")
     if cfg.experts.not_in_group is False and cfg.fusion.stacking != "sum":

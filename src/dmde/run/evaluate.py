@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmde.core.errors import DmdeValueError
 from dmde.core.io import DirectoryLock, ensure_directory, write_json
 from dmde.core.training import predict_logits
 from dmde.fusion.stacking import LOG_VARIANTS, restrict_to_true_groups, stack

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from dmde.core.errors import DmdeValueError
-from dmde.fusion.stacking import calibration_error, calibration_sums, group_slots
+from dmde.fusion.calibration import calibration_error, calibration_sums
+from dmde.fusion.stacking import group_slots
 
 #: The k of the top-k accuracies every evaluation reports.
 TOPK = (1, 2, 5, 10)

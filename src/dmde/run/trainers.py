@@ -23,8 +23,9 @@ from dmde.core.training import (
 )
 from dmde.experts.backbones import create_backbone
 from dmde.experts.train import uses_cached_trunk
+from dmde.fusion.calibration import fit_calibration, fit_pool_temperature
 from dmde.fusion.mixture import Mixture, NWaySoftmax, mixture_loss
-from dmde.fusion.stacking import fit_calibration, group_slots
+from dmde.fusion.stacking import group_slots
 from dmde.hierarchy.groups import make_groups
 from dmde.hierarchy.ontology import Ontology, build_semantic_ontology, build_visual_ontology
 from dmde.hierarchy.taxonomy import build_taxonomy_ontology, read_taxonomy
@@ -121,6 +122,9 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
                          precision=precision).to(device)  # (n_img, N), computed again on resume
     torch.manual_seed(mix_seed(Salt.NWAY_INIT, n))
     nway = NWaySoftmax(n, kind=f.nway, rank=f.rank, input=nway_input(f)).to(device)
+    if f.pool_temperature == "fit":  # τ of the pooled scores, before A and b train (argmax Υ kept)
+        with torch.no_grad():
+            nway.scale.fill_(fit_pool_temperature(nway.inputs(ups), data.targets))
     init = {k: v.clone() for k, v in nway.state_dict().items()}
 
     def loss_fn(m: nn.Module, u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +143,8 @@ def train_fusion(path: Path, experts: Sequence[nn.Module], groups: Sequence[Sequ
         nway.eval()
         y = y.to(device)
         metrics = {**metrics, "fusion_train_acc": float((nway(ups).argmax(1) == y).float().mean()),
-                   "upsilon_train_acc": float((ups.argmax(1) == y).float().mean())}
+                   "upsilon_train_acc": float((ups.argmax(1) == y).float().mean()),
+                   "pool_temperature": float(nway.scale)}
     _finish(path, {"kind": "nway", "model": nway.state_dict(), "metrics": metrics, **calibration})
     return metrics
 
@@ -173,7 +178,7 @@ def _finish(path: Path, state: dict[str, Any]) -> None:
 def calibrate_mixture(mixture: nn.Module, data: ImageTensors, bias: bool, device: torch.device | str = "cpu",
                       progress: bool = False, precision: str | int = "32") -> dict[str, torch.Tensor]:
     """Fit every expert's temperature (and not-in-group bias) on ``data`` and set them on the
-    mixture (:func:`dmde.fusion.stacking.fit_calibration`); returns them for the fusion checkpoint."""
+    mixture (:func:`dmde.fusion.calibration.fit_calibration`); returns them for the fusion checkpoint."""
     g = len(mixture.experts)
     logits = predict_logits(lambda x: mixture.padded_logits(x).flatten(1), data, device=device,
                             progress=progress, desc="calibrate", precision=precision).view(len(data), g, -1)
