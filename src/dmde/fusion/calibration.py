@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -40,17 +42,12 @@ def fit_calibration(logits: Tensor, slots: Tensor, bias: bool = True, steps: int
     log_t = torch.zeros(g, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(g, dtype=torch.float64, requires_grad=bias)
     z = logits.detach().double()
-    params = [log_t, b] if bias else [log_t]
-    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def nll() -> Tensor:
-        opt.zero_grad()
         out = calibrate_logits(z, log_t.exp(), b if bias else None)
-        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), slots.reshape(-1)) * g
-        loss.backward()
-        return loss
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), slots.reshape(-1)) * g
 
-    opt.step(nll)
+    _minimise([log_t, b] if bias else [log_t], nll, steps)
     return log_t.detach().exp().float(), b.detach().float()
 
 
@@ -68,23 +65,29 @@ def fit_pool_temperature(scores: Tensor, targets: Tensor, steps: int = 100) -> f
     Deterministic (L-BFGS from τ = 1; above :data:`POOL_FIT_ELEMENTS` on a seeded sample of rows)."""
     if scores.ndim != 2 or len(scores) != len(targets):
         raise MismatchError(f"scores {tuple(scores.shape)} and {len(targets)} targets do not match")
+    targets = targets.to(scores.device).long()
     rows = max(1, POOL_FIT_ELEMENTS // max(1, scores.shape[1]))
     if len(scores) > rows:
         keep = torch.randperm(len(scores), generator=torch.Generator().manual_seed(0))[:rows].to(scores.device)
-        scores, targets = scores[keep], targets.to(scores.device)[keep]
+        scores, targets = scores[keep], targets[keep]
     z = scores.detach().double()
-    y = targets.to(z.device).long()
     log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def nll() -> Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z * log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(nll)
+    _minimise([log_t], lambda: torch.nn.functional.cross_entropy(z * log_t.exp(), targets), steps)
     return float(log_t.detach().exp())
+
+
+def _minimise(params: list[Tensor], loss: Callable[[], Tensor], steps: int) -> None:
+    """L-BFGS with a strong-Wolfe line search on ``loss()`` over ``params``, in place: the one
+    optimiser of the calibration fits (deterministic for a fixed start)."""
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
 
 
 def calibration_sums(prob: Tensor, outcome: Tensor, sums: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` l
     from dmde.run.config import RunConfig
 
 #: Settings added after runs existed, with their defaults: in a hash only when changed.
-LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "pool_temperature": "none", "source": "wordnet", "taxonomy": None}
+LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "pool_temperature": "none", "source": "wordnet",
+         "taxonomy": None}
 
 
 @dataclass(frozen=True)
