@@ -144,3 +144,31 @@ def test_finetuned_row_is_reported_when_the_base_config_skips_fine_tuning(tmp_pa
     ft = json.loads((out / "scratch" / "finetuned-s0" / "stages.json").read_text())
     assert ft["experts"]["shared_from"] == "mixture-s0" and ft["fusion"]["shared_from"] == "mixture-s0"
     shutil.rmtree(out)
+
+
+def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_results():
+    from pathlib import Path
+
+    from dmde.report.experiment import _claims
+    from dmde.report.results import RowResult
+
+    def rr(name, **models):  # top-1 per seed of each model
+        seeds = {s for v in models.values() for s in v}
+        return RowResult(name, {s: Path(name) for s in seeds},
+                         {s: {m: {"top1": v[s]} for m, v in models.items() if s in v} for s in seeds})
+
+    res = {"mixture": rr("mixture", mixture={0: 0.53, 1: 0.52}, flat={0: 0.51, 1: 0.52},
+                         flat_ensemble={0: 0.55, 1: 0.55}),
+           "wide_groups_tau": rr("wide_groups_tau", mixture={0: 0.535, 1: 0.534}),
+           "wide_ft_fusion": rr("wide_ft_fusion", mixture={0: 0.545, 1: 0.540}, mixture_nway={0: 0.540, 1: 0.541},
+                                flat={0: 0.51, 1: 0.52}),
+           "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51})}
+    lines = {ln.split(" | ")[0][2:]: ln for ln in _claims(res, "mixture", []) if ln.startswith("| ")}
+    ft = lines["fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)"]
+    assert "0.80 ± 0.28" in ft and ft.endswith("| holds |")  # +1.0 and +0.6 points
+    assert lines["fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)"].endswith(
+        "| holds on average (1/2 seeds) |")  # +0.5, −0.1
+    wider = lines["each class in 6 of the 8 experts (M = 150) > in 4 (wider_groups > wide_ft_fusion)"]
+    assert "| 0.50 |" in wider and wider.endswith("| holds (one seed) |")  # only seed 0 is paired
+    assert lines["wider_groups > ensemble of G flat models"].endswith("| does not hold |")
+    assert "| 2.75 ± 1.06 |" in lines["wide_ft_fusion > flat"]  # +3.5 and +2.0

@@ -270,3 +270,21 @@ def test_config_checks_and_the_stage_hash_of_the_default():
     cfg.fusion.nway, cfg.fusion.pool_temperature = "lowrank", "auto"
     with pytest.raises(DmdeValueError, match="is not one of none, fit"):
         validate(cfg)
+
+
+def test_the_finetuning_data_enters_only_the_finetuning_hash_and_needs_a_fusion_split():
+    cfg = RunConfig()
+    fusion, finetune = _fusion(cfg)
+    assert "finetune_data" not in fusion and "data" not in finetune  # the default keeps every run's hashes
+    cfg.fusion.finetune_data = "fusion"
+    assert _fusion(cfg) == (fusion, {**finetune, "data": "fusion"})
+    with pytest.raises(DmdeValueError, match="needs data.fusion_per_class ≥ 1"):
+        validate(cfg)  # RunConfig() keeps no fusion split
+    cfg.data.fusion_per_class = 5
+    validate(cfg)
+    cfg.fusion.finetune.epochs = 0
+    cfg.data.fusion_per_class = 0
+    validate(cfg)  # no fine-tuning: nothing to check
+    cfg.fusion.finetune_data = "holdout"
+    with pytest.raises(DmdeValueError, match="fusion.finetune_data='holdout' is not one of all, fusion"):
+        validate(cfg)

@@ -119,6 +119,19 @@ def test_a_changed_setting_redoes_only_dependent_stages(finished_run, tmp_path):
     assert after["mixture.pt"] != before["mixture.pt"]
 
 
+def test_finetuning_on_the_fusion_split_sees_only_it_and_redoes_only_itself(finished_run, tmp_path):
+    run, _, path = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    log = lambda: [json.loads(line)["images"] for line in (copy / "mixture.jsonl").read_text().splitlines()]
+    assert log() == [10 * (30 - 6)]  # default (all): the experts' training images and the fusion split
+    before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.pt")}
+    train(copy, load_config(RunConfig, path, ["fusion.finetune_data=fusion", "fusion.finetune.epochs=2"]))
+    after = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*.pt")}
+    assert log() == [10 * 4, 10 * 4]  # the fusion split alone: 4 images per class, each epoch
+    assert {k for k in after if after[k] != before.get(k)} == {"mixture.pt"}
+
+
 def test_interrupted_run_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
     run, metrics, path = finished_run
     import dmde.core.training as training

@@ -329,6 +329,19 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
             row(f"τ before the N-way layer helps it ({tau} > {base})", (tau, "mixture_nway"), (base, "mixture_nway"))
             row(f"τ before the N-way layer helps the mixture ({tau} > {base})", (tau, _final(res.get(tau))),
                 (base, _final(res.get(base))))
+    if "wide_ft_fusion" in res:  # Eq. 11 on the fusion split alone (fusion.finetune_data=fusion)
+        row("fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)",
+            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_groups_tau", _final(res.get("wide_groups_tau"))))
+        row("fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)",
+            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_ft_fusion", "mixture_nway"))
+    for wider, base in (("wider_groups", "wide_ft_fusion"),):  # each class in 6 of the 8 experts
+        if wider in res:
+            row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})",
+                (wider, _final(res.get(wider))), (base, _final(res.get(base))))
+            row(f"{wider} > ensemble of G flat models", (wider, _final(res.get(wider))), ("mixture", "flat_ensemble"))
+    for r in ("wide_ft_fusion", "wider_groups"):
+        if r in res:
+            row(f"{r} > flat", (r, _final(res.get(r))), (r, "flat"))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
     if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
         row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))

@@ -21,6 +21,7 @@ from dmde.hierarchy.groups import ASSIGNMENTS
 
 #: What ``ontology.source`` may name (:class:`OntologyConfig`).
 ONTOLOGY_SOURCES = ("wordnet", "visual", "taxonomy")
+FINETUNE_DATA = ("all", "fusion")  # fusion.finetune_data
 
 
 @dataclass
@@ -90,6 +91,9 @@ class FusionConfig:
     pool_temperature: str = "none"
     batch_size: int = 256
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=0.005))
+    # What Eq. 11 fine-tunes on: all (the experts' training images and the fusion split) | fusion (the
+    # fusion split alone: images the experts never trained on, so their loss there is not yet near zero).
+    finetune_data: str = "all"
     # All experts in one pass (inference / fine-tuning): False/'loop', True/'auto' (the wide network
     # of dmde.fusion.batched when it applies, else vmap), 'wide', 'vmap'. On a 2-core CPU the loop was
     # the fastest at batch ≥ 32 (benchmarks/RESULTS.md, "Throughput"): off by default.
@@ -137,6 +141,7 @@ def validate(cfg: RunConfig) -> None:
         "fusion.input": (cfg.fusion.input, NWAY_INPUTS),
         "fusion.calibrate": (cfg.fusion.calibrate, CALIBRATIONS),
         "fusion.pool_temperature": (cfg.fusion.pool_temperature, POOL_TEMPERATURES),
+        "fusion.finetune_data": (cfg.fusion.finetune_data, FINETUNE_DATA),
         "experts.init": (cfg.experts.init, INITS),
         "experts.budget": (cfg.experts.budget, BUDGETS),
         "experts.optimizer": (cfg.experts.optimizer, OPTIMIZERS),
@@ -177,6 +182,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fusion.pool_temperature != "none" and cfg.fusion.nway == "none":
         bad("fusion.pool_temperature", cfg.fusion.pool_temperature, "scales the N-way layer's input: it needs "
             "fusion.nway (dense or lowrank)")
+    if cfg.fusion.finetune_data == "fusion" and cfg.fusion.finetune.epochs > 0 and int(cfg.data.fusion_per_class) < 1:
+        bad("fusion.finetune_data", cfg.fusion.finetune_data, "fine-tunes on the fusion split: it needs "
+            "data.fusion_per_class ≥ 1")
     if cfg.baselines.ensemble and not cfg.baselines.flat:
         bad("baselines.ensemble", cfg.baselines.ensemble, "takes the flat model as its first member: set baselines.flat=true")
     if cfg.experts.not_in_group is False and cfg.fusion.stacking != "sum":

@@ -189,7 +189,8 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
     # ---- end-to-end fine-tuning (Eq. 11), data-parallel under torchrun
     stage("finetune",
           lambda: finetune(run.dir / "mixture.pt", build_mixture(run.dir, cfg, experts, groups.groups, n, "fusion"),
-                           everything, cfg, onto.hash(), device, progress), want("finetune"))
+                           splits.fusion if cfg.fusion.finetune_data == "fusion" else everything, cfg, onto.hash(),
+                           device, progress), want("finetune"))
     # ---- baselines (§V)
     stage("flat", flat, want("flat"))
 

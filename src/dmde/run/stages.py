@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` l
 
 #: Settings added after runs existed, with their defaults: in a hash only when changed.
 LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "pool_temperature": "none", "source": "wordnet",
-         "taxonomy": None}
+         "taxonomy": None, "finetune_data": "all"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def _fusion(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     finetune = _later(fusion.pop("finetune"))
     fusion.pop("batched")
     finetune["batched"] = fusion.pop("batched_finetune")
+    if "finetune_data" in fusion:  # (left out at its default: see LATER)
+        finetune["data"] = fusion.pop("finetune_data")
     return fusion, finetune
 
 
