@@ -162,7 +162,8 @@ def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_result
            "wide_groups_tau": rr("wide_groups_tau", mixture={0: 0.535, 1: 0.534}),
            "wide_ft_fusion": rr("wide_ft_fusion", mixture={0: 0.545, 1: 0.540}, mixture_nway={0: 0.540, 1: 0.541},
                                 flat={0: 0.51, 1: 0.52}),
-           "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51})}
+           "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51}),
+           "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51})}
     lines = {ln.split(" | ")[0][2:]: ln for ln in _claims(res, "mixture", []) if ln.startswith("| ")}
     ft = lines["fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)"]
     assert "0.80 ± 0.28" in ft and ft.endswith("| holds |")  # +1.0 and +0.6 points
@@ -172,3 +173,5 @@ def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_result
     assert "| 0.50 |" in wider and wider.endswith("| holds (one seed) |")  # only seed 0 is paired
     assert lines["wider_groups > ensemble of G flat models"].endswith("| does not hold |")
     assert "| 2.75 ± 1.06 |" in lines["wide_ft_fusion > flat"]  # +3.5 and +2.0
+    natural = lines["not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)"]
+    assert "| -1.00 |" in natural and natural.endswith("| does not hold |")

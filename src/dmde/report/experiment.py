@@ -334,12 +334,15 @@ def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]
             ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_groups_tau", _final(res.get("wide_groups_tau"))))
         row("fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)",
             ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_ft_fusion", "mixture_nway"))
-    for wider, base in (("wider_groups", "wide_ft_fusion"),):  # each class in 6 of the 8 experts
+    for wider, base in (("wider_groups", "wide_ft_fusion"), ("wider_natural", "wide_ft_fusion")):  # 6 of 8 experts
         if wider in res:
             row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})",
                 (wider, _final(res.get(wider))), (base, _final(res.get(base))))
             row(f"{wider} > ensemble of G flat models", (wider, _final(res.get(wider))), ("mixture", "flat_ensemble"))
-    for r in ("wide_ft_fusion", "wider_groups"):
+    if "wider_natural" in res and "wider_groups" in res:
+        row("not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)",
+            ("wider_natural", _final(res.get("wider_natural"))), ("wider_groups", _final(res.get("wider_groups"))))
+    for r in ("wide_ft_fusion", "wider_groups", "wider_natural"):
         if r in res:
             row(f"{r} > flat", (r, _final(res.get(r))), (r, "flat"))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
