@@ -149,7 +149,7 @@ def test_finetuned_row_is_reported_when_the_base_config_skips_fine_tuning(tmp_pa
 def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_results():
     from pathlib import Path
 
-    from dmde.report.experiment import _claims
+    from dmde.report.claims import claims
     from dmde.report.results import RowResult
 
     def rr(name, **models):  # top-1 per seed of each model
@@ -164,7 +164,7 @@ def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_result
                                 flat={0: 0.51, 1: 0.52}),
            "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51}),
            "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51})}
-    lines = {ln.split(" | ")[0][2:]: ln for ln in _claims(res, "mixture", []) if ln.startswith("| ")}
+    lines = {ln.split(" | ")[0][2:]: ln for ln in claims(res, "mixture", []) if ln.startswith("| ")}
     ft = lines["fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)"]
     assert "0.80 ± 0.28" in ft and ft.endswith("| holds |")  # +1.0 and +0.6 points
     assert lines["fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)"].endswith(

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from dmde.core.config import load_config
 from dmde.core.io import read_json, write_text
@@ -34,6 +33,7 @@ from dmde.core.training import predict_logits
 from dmde.core.transforms import resize
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.wordnet import WordNet
+from dmde.report.claims import claims
 from dmde.report.results import (
     PAPER,
     RowResult,
@@ -46,7 +46,6 @@ from dmde.report.results import (
     fmt,
     mean_std,
     paired,
-    verdict,
 )
 from dmde.report.suite import Suite, _override_list, plan, run_name
 from dmde.run.config import RunConfig
@@ -274,7 +273,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
              + " | ".join(_topk_cells(nn_, _final(nn_), ks3)) + " | |")
     L.append("")
     # ---- claims
-    L += _claims(res, final, lam_rows)
+    L += claims(res, final, lam_rows)
     # ---- figures
     L += _figures(regime, res, ref, final, rep)
     # ---- wall times
@@ -291,110 +290,6 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           "(the sum of each run's time in `suite.json`; includes loading the cached data and trunk outputs "
           "per run, and the one-off image decode and trunk pass in the first run unless they were cached "
           "beforehand).", ""]
-    return L
-
-
-def _claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
-    mix = res["mixture"]
-    L = ["### The paper's claims here", "",
-         "Differences in top-1 points, mean ± std over the paired seeds (a − b per seed).", "",
-         "| claim | a | b | a − b (top-1) | verdict |", "|---|---|---|---|---|"]
-
-    def row(claim: str, a: tuple[str, str | None], b: tuple[str, str | None], weak: bool = False) -> None:
-        ra, rb = res.get(a[0]), res.get(b[0])
-        if ra is None or rb is None or a[1] is None or b[1] is None:
-            L.append(f"| {claim} | {a[0]}:{a[1]} | {b[0]}:{b[1]} | – | not measured (row missing) |")
-            return
-        d = paired(ra.values(a[1], "top1"), rb.values(b[1], "top1"))
-        L.append(f"| {claim} | {a[0]}:{a[1]} | {b[0]}:{b[1]} | {fmt(d)} | {verdict(d, weak)} |")
-
-    row("mixture > flat", ("mixture", final), ("mixture", "flat"))
-    if any("flat_ensemble" in m for m in mix.metrics.values()):
-        row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), ("mixture", "flat_ensemble"))
-    if "init_backbone" in res:
-        row("warm start from the flat model helps (experts.init=flat)", ("mixture", final),
-            ("init_backbone", _final(res.get("init_backbone"))))
-    if "no_calibration" in res:
-        row("calibration before Eq. 7 helps", ("mixture", final), ("no_calibration", _final(res.get("no_calibration"))))
-    if "view_epochs" in res:
-        row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final),
-            ("view_epochs", _final(res.get("view_epochs"))))
-    for wide in ("wide_groups", "wide_groups_tau"):
-        if wide in res:
-            row(f"each class in 4 of the 8 experts (M = 100, λ = 0.75) > in 2 (M = 50, λ = 0.5): {wide}",
-                (wide, _final(res.get(wide))), ("mixture", final))
-            row(f"the same at argmax Υ: {wide}", (wide, "mixture_upsilon"), ("mixture", "mixture_upsilon"))
-    for tau, base in (("pool_temperature", "mixture"), ("wide_groups_tau", "wide_groups")):
-        if tau in res and base in res:  # the fitted τ of the pooled scores, at the N-way layer and at the end
-            row(f"τ before the N-way layer helps it ({tau} > {base})", (tau, "mixture_nway"), (base, "mixture_nway"))
-            row(f"τ before the N-way layer helps the mixture ({tau} > {base})", (tau, _final(res.get(tau))),
-                (base, _final(res.get(base))))
-    if "wide_ft_fusion" in res:  # Eq. 11 on the fusion split alone (fusion.finetune_data=fusion)
-        row("fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)",
-            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_groups_tau", _final(res.get("wide_groups_tau"))))
-        row("fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)",
-            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_ft_fusion", "mixture_nway"))
-    for wider, base in (("wider_groups", "wide_ft_fusion"), ("wider_natural", "wide_ft_fusion")):  # 6 of 8 experts
-        if wider in res:
-            row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})",
-                (wider, _final(res.get(wider))), (base, _final(res.get(base))))
-            row(f"{wider} > ensemble of G flat models", (wider, _final(res.get(wider))), ("mixture", "flat_ensemble"))
-    if "wider_natural" in res and "wider_groups" in res:
-        row("not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)",
-            ("wider_natural", _final(res.get("wider_natural"))), ("wider_groups", _final(res.get("wider_groups"))))
-    for r in ("wide_ft_fusion", "wider_groups", "wider_natural"):
-        if r in res:
-            row(f"{r} > flat", (r, _final(res.get(r))), (r, "flat"))
-    row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
-    if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
-        row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))
-        row("end-to-end fine-tuning helps (Eq. 11 > Eq. 10)", ("finetuned", "mixture"), ("mixture", final))
-    if any("flat_wide" in m for m in mix.metrics.values()):
-        row("mixture > width-matched flat", ("mixture", final), ("mixture", "flat_wide"))
-    row("tree-guided > random", ("mixture", final), ("random", _final(res.get("random"))))
-    row("tree-guided > random (argmax Υ)", ("mixture", "mixture_upsilon"), ("random", "mixture_upsilon"))
-    row("semantic ≳ visual tree", ("mixture", final), ("visual", _final(res.get("visual"))), weak=True)
-    row("semantic ≳ visual tree (argmax Υ)", ("mixture", "mixture_upsilon"), ("visual", "mixture_upsilon"),
-        weak=True)
-    row("late > early fusion", ("early_fusion", final), ("early_fusion", "early_fusion"))
-    row("Stack 1 ≳ Stack 2", ("mixture", final), ("stack2", _final(res.get("stack2"))), weak=True)
-    row("Stack 1 ≳ Stack 2 (argmax Υ)", ("mixture", "mixture_upsilon"), ("stack2", "mixture_upsilon"), weak=True)
-    row("not-in-group helps (Eq. 7 > plain sum)", ("mixture", final),
-        ("no_not_in_group", _final(res.get("no_not_in_group"))))
-    row("not-in-group helps (argmax Υ)", ("mixture", "mixture_upsilon"), ("no_not_in_group", "mixture_upsilon"))
-    # multi-task: per group, on the first shared seed
-    if "no_multitask" in res and set(res["no_multitask"].runs) & set(mix.runs):
-        s0 = min(set(res["no_multitask"].runs) & set(mix.runs))
-        a, b = _expert_group_top1(mix.runs[s0]), _expert_group_top1(res["no_multitask"].runs[s0])
-        gains = {j: x - y for j, (x, y) in enumerate(zip(a, b))}
-        better = sum(v > 0 for v in gains.values())
-        if better == len(gains):
-            v = "holds"
-        elif sum(gains.values()) > 0:
-            v = f"holds on average ({better}/{len(gains)} groups)"
-        else:
-            v = f"does not hold ({better}/{len(gains)} groups better)"
-        L.append(f"| multi-task > without (per-group top-1, seed {s0}, spread over groups) | mixture experts | "
-                 f"no_multitask experts | {fmt(gains)} | {v} |")
-        fa, fb = _final(mix), _final(res["no_multitask"])
-        row("multi-task > without (whole mixture)", ("mixture", fa), ("no_multitask", fb))
-        row("multi-task > without (whole mixture, argmax Υ)", ("mixture", "mixture_upsilon"),
-            ("no_multitask", "mixture_upsilon"))
-    else:
-        L.append("| multi-task > without | | | – | not measured (row missing) |")
-    if len(lam_rows) > 2:
-        lam = np.array([x for x, _ in lam_rows])
-        top = np.array([mean_std(rr.values(_final(rr), "top1").values())[0] for _, rr in lam_rows])
-        slope = float(np.polyfit(lam, 100 * top, 1)[0])
-
-        rho = float(spearmanr(lam, top).statistic) if np.ptp(top) > 0 else float("nan")
-        v = "holds" if slope > 0 and rho > 0.5 else ("holds weakly (not monotone)" if slope > 0 else "does not hold")
-        L.append(f"| accuracy rises with λ | λ = {lam.max():.1f}: {100 * top[-1]:.2f} | λ = {lam.min():.1f}: "
-                 f"{100 * top[0]:.2f} | {100 * (top[-1] - top[0]):+.2f} (slope {slope:+.2f} points per unit λ, "
-                 f"Spearman ρ = {rho:.2f}) | {v} |")
-    else:
-        L.append("| accuracy rises with λ | | | – | not measured (λ rows missing) |")
-    L.append("")
     return L
 
 
