@@ -288,3 +288,12 @@ def test_the_finetuning_data_enters_only_the_finetuning_hash_and_needs_a_fusion_
     cfg.fusion.finetune_data = "holdout"
     with pytest.raises(DmdeValueError, match="fusion.finetune_data='holdout' is not one of all, fusion"):
         validate(cfg)
+
+
+def test_a_negative_not_in_group_ratio_is_refused_before_any_work():
+    cfg = RunConfig()
+    cfg.experts.not_in_group_ratio = -0.5
+    with pytest.raises(DmdeValueError, match=r"experts.not_in_group_ratio=-0.5 must be at least 0"):
+        validate(cfg)
+    cfg.experts.not_in_group_ratio = 0.0  # no not-in-group images at all: allowed
+    validate(cfg)

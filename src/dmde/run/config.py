@@ -157,6 +157,8 @@ def validate(cfg: RunConfig) -> None:
         bad("groups.overlap", cfg.groups.overlap, "must lie in [0, 1)")
     if int(cfg.data.workers) < 0:
         bad("data.workers", cfg.data.workers, "must be at least 0")
+    if float(cfg.experts.not_in_group_ratio) < 0:
+        bad("experts.not_in_group_ratio", cfg.experts.not_in_group_ratio, "must be at least 0")
     if int(cfg.groups.size) < 1:
         bad("groups.size", cfg.groups.size, "must be at least 1")
     if cfg.ontology.source == "taxonomy" and cfg.ontology.taxonomy is None:
