@@ -14,6 +14,10 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
          "Differences in top-1 points, mean ± std over the paired seeds (a − b per seed).", "",
          "| claim | a | b | a − b (top-1) | verdict |", "|---|---|---|---|---|"]
 
+    def end(name: str) -> tuple[str, str | None]:
+        """(row, its final model): the last stage a row's runs reached."""
+        return name, _final(res.get(name))
+
     def row(claim: str, a: tuple[str, str | None], b: tuple[str, str | None], weak: bool = False) -> None:
         ra, rb = res.get(a[0]), res.get(b[0])
         if ra is None or rb is None or a[1] is None or b[1] is None:
@@ -26,55 +30,50 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
     if any("flat_ensemble" in m for m in mix.metrics.values()):
         row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), ("mixture", "flat_ensemble"))
     if "init_backbone" in res:
-        row("warm start from the flat model helps (experts.init=flat)", ("mixture", final),
-            ("init_backbone", _final(res.get("init_backbone"))))
+        row("warm start from the flat model helps (experts.init=flat)", ("mixture", final), end("init_backbone"))
     if "no_calibration" in res:
-        row("calibration before Eq. 7 helps", ("mixture", final), ("no_calibration", _final(res.get("no_calibration"))))
+        row("calibration before Eq. 7 helps", ("mixture", final), end("no_calibration"))
     if "view_epochs" in res:
-        row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final),
-            ("view_epochs", _final(res.get("view_epochs"))))
+        row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final), end("view_epochs"))
     for wide in ("wide_groups", "wide_groups_tau"):
         if wide in res:
             row(f"each class in 4 of the 8 experts (M = 100, λ = 0.75) > in 2 (M = 50, λ = 0.5): {wide}",
-                (wide, _final(res.get(wide))), ("mixture", final))
+                end(wide), ("mixture", final))
             row(f"the same at argmax Υ: {wide}", (wide, "mixture_upsilon"), ("mixture", "mixture_upsilon"))
     for tau, base in (("pool_temperature", "mixture"), ("wide_groups_tau", "wide_groups")):
         if tau in res and base in res:  # the fitted τ of the pooled scores, at the N-way layer and at the end
             row(f"τ before the N-way layer helps it ({tau} > {base})", (tau, "mixture_nway"), (base, "mixture_nway"))
-            row(f"τ before the N-way layer helps the mixture ({tau} > {base})", (tau, _final(res.get(tau))),
-                (base, _final(res.get(base))))
+            row(f"τ before the N-way layer helps the mixture ({tau} > {base})", end(tau), end(base))
     if "wide_ft_fusion" in res:  # Eq. 11 on the fusion split alone (fusion.finetune_data=fusion)
         row("fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)",
-            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_groups_tau", _final(res.get("wide_groups_tau"))))
+            end("wide_ft_fusion"), end("wide_groups_tau"))
         row("fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)",
-            ("wide_ft_fusion", _final(res.get("wide_ft_fusion"))), ("wide_ft_fusion", "mixture_nway"))
+            end("wide_ft_fusion"), ("wide_ft_fusion", "mixture_nway"))
     for wider, base in (("wider_groups", "wide_ft_fusion"), ("wider_natural", "wide_ft_fusion")):  # 6 of 8 experts
         if wider in res:
-            row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})",
-                (wider, _final(res.get(wider))), (base, _final(res.get(base))))
-            row(f"{wider} > ensemble of G flat models", (wider, _final(res.get(wider))), ("mixture", "flat_ensemble"))
+            row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})", end(wider), end(base))
+            row(f"{wider} > ensemble of G flat models", end(wider), ("mixture", "flat_ensemble"))
     if "wider_natural" in res and "wider_groups" in res:
         row("not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)",
-            ("wider_natural", _final(res.get("wider_natural"))), ("wider_groups", _final(res.get("wider_groups"))))
+            end("wider_natural"), end("wider_groups"))
     for r in ("wide_ft_fusion", "wider_groups", "wider_natural"):
         if r in res:
-            row(f"{r} > flat", (r, _final(res.get(r))), (r, "flat"))
+            row(f"{r} > flat", end(r), (r, "flat"))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
     if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
         row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))
         row("end-to-end fine-tuning helps (Eq. 11 > Eq. 10)", ("finetuned", "mixture"), ("mixture", final))
     if any("flat_wide" in m for m in mix.metrics.values()):
         row("mixture > width-matched flat", ("mixture", final), ("mixture", "flat_wide"))
-    row("tree-guided > random", ("mixture", final), ("random", _final(res.get("random"))))
+    row("tree-guided > random", ("mixture", final), end("random"))
     row("tree-guided > random (argmax Υ)", ("mixture", "mixture_upsilon"), ("random", "mixture_upsilon"))
-    row("semantic ≳ visual tree", ("mixture", final), ("visual", _final(res.get("visual"))), weak=True)
+    row("semantic ≳ visual tree", ("mixture", final), end("visual"), weak=True)
     row("semantic ≳ visual tree (argmax Υ)", ("mixture", "mixture_upsilon"), ("visual", "mixture_upsilon"),
         weak=True)
     row("late > early fusion", ("early_fusion", final), ("early_fusion", "early_fusion"))
-    row("Stack 1 ≳ Stack 2", ("mixture", final), ("stack2", _final(res.get("stack2"))), weak=True)
+    row("Stack 1 ≳ Stack 2", ("mixture", final), end("stack2"), weak=True)
     row("Stack 1 ≳ Stack 2 (argmax Υ)", ("mixture", "mixture_upsilon"), ("stack2", "mixture_upsilon"), weak=True)
-    row("not-in-group helps (Eq. 7 > plain sum)", ("mixture", final),
-        ("no_not_in_group", _final(res.get("no_not_in_group"))))
+    row("not-in-group helps (Eq. 7 > plain sum)", ("mixture", final), end("no_not_in_group"))
     row("not-in-group helps (argmax Υ)", ("mixture", "mixture_upsilon"), ("no_not_in_group", "mixture_upsilon"))
     # multi-task: per group, on the first shared seed
     if "no_multitask" in res and set(res["no_multitask"].runs) & set(mix.runs):
