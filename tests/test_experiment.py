@@ -146,7 +146,7 @@ def test_finetuned_row_is_reported_when_the_base_config_skips_fine_tuning(tmp_pa
     shutil.rmtree(out)
 
 
-def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_results():
+def test_claims_of_the_recipe_steps_on_hand_made_results():
     from pathlib import Path
 
     from dmde.report.claims import claims
@@ -157,21 +157,27 @@ def test_claims_of_the_fine_tuning_data_and_the_wider_groups_on_hand_made_result
         return RowResult(name, {s: Path(name) for s in seeds},
                          {s: {m: {"top1": v[s]} for m, v in models.items() if s in v} for s in seeds})
 
-    res = {"mixture": rr("mixture", mixture={0: 0.53, 1: 0.52}, flat={0: 0.51, 1: 0.52},
-                         flat_ensemble={0: 0.55, 1: 0.55}),
-           "wide_groups_tau": rr("wide_groups_tau", mixture={0: 0.535, 1: 0.534}),
-           "wide_ft_fusion": rr("wide_ft_fusion", mixture={0: 0.545, 1: 0.540}, mixture_nway={0: 0.540, 1: 0.541},
-                                flat={0: 0.51, 1: 0.52}),
+    res = {"mixture": rr("mixture", mixture={0: 0.545, 1: 0.540}, mixture_nway={0: 0.540, 1: 0.541},
+                         flat={0: 0.51, 1: 0.52}),
+           "ensemble": rr("ensemble", flat_ensemble={0: 0.55}),  # its own row, one seed
+           "finetune_all": rr("finetune_all", mixture={0: 0.535, 1: 0.534}),
+           "no_pool_temperature": rr("no_pool_temperature", mixture={0: 0.55}, mixture_nway={0: 0.53}),
            "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51}),
            "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51})}
     lines = {ln.split(" | ")[0][2:]: ln for ln in claims(res, "mixture", []) if ln.startswith("| ")}
-    ft = lines["fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)"]
-    assert "0.80 ± 0.28" in ft and ft.endswith("| holds |")  # +1.0 and +0.6 points
-    assert lines["fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)"].endswith(
+    assert "| 2.75 ± 1.06 |" in lines["mixture > flat"]  # +3.5 and +2.0
+    ens = lines["mixture > ensemble of G flat models (equal compute)"]
+    assert "| mixture:mixture | ensemble:flat_ensemble | -0.50 |" in ens  # paired on seed 0, the one it has
+    ft = lines["fine-tuning on the fusion split > on every training image (mixture > finetune_all)"]
+    assert "| mixture:mixture | finetune_all:mixture | 0.80 ± 0.28 |" in ft and ft.endswith("| holds |")  # +1.0, +0.6
+    assert lines["end-to-end fine-tuning helps (Eq. 11 > Eq. 10)"].endswith(
         "| holds on average (1/2 seeds) |")  # +0.5, −0.1
-    wider = lines["each class in 6 of the 8 experts (M = 150) > in 4 (wider_groups > wide_ft_fusion)"]
-    assert "| 0.50 |" in wider and wider.endswith("| holds (one seed) |")  # only seed 0 is paired
-    assert lines["wider_groups > ensemble of G flat models"].endswith("| does not hold |")
-    assert "| 2.75 ± 1.06 |" in lines["wide_ft_fusion > flat"]  # +3.5 and +2.0
+    wider = lines["each class in 4 of the 8 experts > in 6 (M = 150, not-in-group 1:1) (mixture > wider_groups)"]
+    assert "| -0.50 |" in wider and wider.endswith("| does not hold |")  # only seed 0 is paired
+    tau = lines["τ before the N-way layer helps (mixture > no_pool_temperature)"]
+    assert "| -0.50 |" in tau and tau.endswith("| does not hold |")
+    tau_nway = lines["τ before the N-way layer helps the N-way layer (mixture > no_pool_temperature)"]
+    assert "| mixture:mixture_nway | no_pool_temperature:mixture_nway | 1.00 |" in tau_nway
+    assert not any("eq7" in k for k in lines)  # a step without its row is left out
     natural = lines["not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)"]
     assert "| -1.00 |" in natural and natural.endswith("| does not hold |")

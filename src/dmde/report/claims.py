@@ -5,7 +5,24 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
-from dmde.report.results import RowResult, _expert_group_top1, _final, fmt, mean_std, paired, verdict
+from dmde.report.results import (RowResult, _expert_group_top1, _final, ensemble_row, fmt, mean_std, paired,
+                                 verdict)
+
+#: The full-budget suite's steps of the recipe (configs/paper-full/suite.yaml): each row undoes one step
+#: of the mixture row, and the claim is that the step helps (mixture − row > 0, paired seeds).
+STEPS = (
+    ("narrow_groups", "each class in 4 of the 8 experts (M = 100, λ = 0.75) > in 2 (M = 50, λ = 0.5)"),
+    ("wider_groups", "each class in 4 of the 8 experts > in 6 (M = 150, not-in-group 1:1)"),
+    ("wider_natural", "each class in 4 of the 8 experts > in 6 (M = 150, not-in-group at its natural share)"),
+    ("finetune_all", "fine-tuning on the fusion split > on every training image"),
+    ("no_pool_temperature", "τ before the N-way layer helps"),
+    ("eq7", "the product of the experts > Eq. 7"),
+    ("no_nway", "the N-way layer helps"),
+    ("no_calibration", "calibrating the experts helps"),
+    ("init_flat", "the experts' start from the backbone > from the flat model (HD-CNN's warm start)"),
+    ("gentle_warm_start", "the start from the backbone > the warm start at a quarter of the learning rate"),
+    ("view_epochs", "equal steps help the experts (budget flat_steps > epochs)"),
+)
 
 
 def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
@@ -27,38 +44,20 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
         L.append(f"| {claim} | {a[0]}:{a[1]} | {b[0]}:{b[1]} | {fmt(d)} | {verdict(d, weak)} |")
 
     row("mixture > flat", ("mixture", final), ("mixture", "flat"))
-    if any("flat_ensemble" in m for m in mix.metrics.values()):
-        row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), ("mixture", "flat_ensemble"))
-    if "init_backbone" in res:
-        row("warm start from the flat model helps (experts.init=flat)", ("mixture", final), end("init_backbone"))
-    if "no_calibration" in res:
-        row("calibration before Eq. 7 helps", ("mixture", final), end("no_calibration"))
-    if "view_epochs" in res:
-        row("equal steps help the experts (budget flat_steps > epochs)", ("mixture", final), end("view_epochs"))
-    for wide in ("wide_groups", "wide_groups_tau"):
-        if wide in res:
-            row(f"each class in 4 of the 8 experts (M = 100, λ = 0.75) > in 2 (M = 50, λ = 0.5): {wide}",
-                end(wide), ("mixture", final))
-            row(f"the same at argmax Υ: {wide}", (wide, "mixture_upsilon"), ("mixture", "mixture_upsilon"))
-    for tau, base in (("pool_temperature", "mixture"), ("wide_groups_tau", "wide_groups")):
-        if tau in res and base in res:  # the fitted τ of the pooled scores, at the N-way layer and at the end
-            row(f"τ before the N-way layer helps it ({tau} > {base})", (tau, "mixture_nway"), (base, "mixture_nway"))
-            row(f"τ before the N-way layer helps the mixture ({tau} > {base})", end(tau), end(base))
-    if "wide_ft_fusion" in res:  # Eq. 11 on the fusion split alone (fusion.finetune_data=fusion)
-        row("fine-tuning on the fusion split > on every training image (wide_ft_fusion > wide_groups_tau)",
-            end("wide_ft_fusion"), end("wide_groups_tau"))
-        row("fine-tuning on the fusion split helps (wide_ft_fusion: Eq. 11 > Eq. 10)",
-            end("wide_ft_fusion"), ("wide_ft_fusion", "mixture_nway"))
-    for wider, base in (("wider_groups", "wide_ft_fusion"), ("wider_natural", "wide_ft_fusion")):  # 6 of 8 experts
-        if wider in res:
-            row(f"each class in 6 of the 8 experts (M = 150) > in 4 ({wider} > {base})", end(wider), end(base))
-            row(f"{wider} > ensemble of G flat models", end(wider), ("mixture", "flat_ensemble"))
+    ens = ensemble_row(res)
+    if ens is not None:
+        row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), (ens, "flat_ensemble"))
+    if final == "mixture" and any("mixture_nway" in m for m in mix.metrics.values()):
+        row("end-to-end fine-tuning helps (Eq. 11 > Eq. 10)", ("mixture", "mixture"), ("mixture", "mixture_nway"))
+    for name, claim in STEPS:
+        if name in res:
+            row(f"{claim} (mixture > {name})", ("mixture", final), end(name))
+    if "no_pool_temperature" in res:
+        row("τ before the N-way layer helps the N-way layer (mixture > no_pool_temperature)",
+            ("mixture", "mixture_nway"), ("no_pool_temperature", "mixture_nway"))
     if "wider_natural" in res and "wider_groups" in res:
         row("not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)",
             end("wider_natural"), end("wider_groups"))
-    for r in ("wide_ft_fusion", "wider_groups", "wider_natural"):
-        if r in res:
-            row(f"{r} > flat", end(r), (r, "flat"))
     row("mixture (argmax Υ) > flat", ("mixture", "mixture_upsilon"), ("mixture", "flat"))
     if final != "mixture" and "finetuned" in res and "mixture" in res["finetuned"].models():
         row("mixture, fine-tuned end to end > flat", ("finetuned", "mixture"), ("mixture", "flat"))

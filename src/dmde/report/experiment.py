@@ -43,6 +43,7 @@ from dmde.report.results import (
     _run_seconds,
     _topk_cells,
     collect,
+    ensemble_row,
     fmt,
     mean_std,
     paired,
@@ -111,14 +112,16 @@ def _accounting_report(res: dict[str, RowResult]) -> list[str]:
     L = ["### Accounting: where the mixture loses accuracy (row `mixture`)", "",
          "Top-1 % on the hold-out split, mean ± std over seeds; Δ is paired per seed against the row above it.", "",
          "| stage | model | top-1 | Δ vs the row above | top-5 |", "|---|---|---|---|---|"]
-    prev = None
+    ens = ensemble_row(res)
+    prev: dict[int, float] | None = None
     for model, label in ACCOUNTING_ROWS:
-        v = mix.values(model, "top1")
+        rr = res[ens] if model == "flat_ensemble" and ens is not None else mix
+        v = rr.values(model, "top1")
         if not v:
             continue
-        d = fmt(paired(v, mix.values(prev, "top1"))) if prev else ""
-        L.append(f"| {label} | {model} | {fmt(v)} | {d} | {fmt(mix.values(model, 'top5'))} |")
-        prev = model
+        d = fmt(paired(v, prev)) if prev is not None else ""
+        L.append(f"| {label} | {model} | {fmt(v)} | {d} | {fmt(rr.values(model, 'top5'))} |")
+        prev = v
     tables = {s: m["accounting"]["experts"] for s, m in mix.metrics.items() if "accounting" in m}
     n = min(len(t) for t in tables.values())
 
@@ -175,8 +178,8 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           f"epoch(s); calibration before Eq. 7: {cfg.fusion.calibrate}; the mixture's final model here: **{final}**",
           f"- flat baseline: the same backbone with one N-way softmax, trained on the experts' and the N-way "
           f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)" +
-          (f"; ensemble: {_n_groups(ref)} such flat models (seeds), probabilities averaged" if cfg.baselines.ensemble
-           else ""),
+          (f"; ensemble: {_n_groups(ref)} such flat models (seeds), probabilities averaged (row {ensemble_row(res)})"
+           if ensemble_row(res) else ""),
           "- seeds: a seed sets experts.seed and groups.seed; finished: " +
           ", ".join(f"{r} {sorted(rr.runs)}" for r, rr in res.items()), ""]
     ks3 = (1, 5, 10)
@@ -190,7 +193,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           ("ours, fine-tuned end to end (Eq. 11)", "finetuned", "mixture", None),
           ("flat (\"AlexNet Extension\")", "mixture", "flat", "flat"),
           ("flat, width-matched", "mixture", "flat_wide", None),
-          ("ensemble of G flat models (equal compute)", "mixture", "flat_ensemble", None),
+          ("ensemble of G flat models (equal compute)", ensemble_row(res) or "mixture", "flat_ensemble", None),
           ("random assignment", "random", _final(res.get("random")), "random"),
           ("visual tree", "visual", _final(res.get("visual")), "visual"),
           ("Stack 2 (Eq. 12)", "stack2", _final(res.get("stack2")), "stack2"),

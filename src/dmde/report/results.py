@@ -115,6 +115,17 @@ def _final(rr: RowResult | None) -> str | None:
     return next((m for m in MIXTURE_MODELS if any(m in x for x in rr.metrics.values())), None)
 
 
+def ensemble_row(res: dict[str, RowResult]) -> str | None:
+    """The row whose runs hold the ensemble of G flat models: the mixture row when its base config
+    trains it, else a row of its own (``ensemble``: the mixture's stages shared, the G − 1 other flat
+    models added), paired with the mixture by seed."""
+    for name in ("mixture", "ensemble"):
+        rr = res.get(name)
+        if rr is not None and any("flat_ensemble" in m for m in rr.metrics.values()):
+            return name
+    return None
+
+
 def _topk_cells(rr: RowResult | None, model: str | None, ks: Sequence[int]) -> list[str]:
     if rr is None or model is None:
         return ["–"] * len(ks)
