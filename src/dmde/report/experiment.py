@@ -155,6 +155,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
     cfg = load_config(RunConfig, ref / "config.yaml")
     info = read_json(ref / "data.json")
     final = _final(mix)
+    ens = ensemble_row(res)  # the row holding the ensemble of G flat models, if one does
 
     n_cat = Ontology.from_json(ref / "ontology.json").n_categories
     # ---- setting
@@ -178,8 +179,8 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           f"epoch(s); calibration before Eq. 7: {cfg.fusion.calibrate}; the mixture's final model here: **{final}**",
           f"- flat baseline: the same backbone with one N-way softmax, trained on the experts' and the N-way "
           f"layer's images together, {cfg.baselines.epochs or e.epochs} epoch(s)" +
-          (f"; ensemble: {_n_groups(ref)} such flat models (seeds), probabilities averaged (row {ensemble_row(res)})"
-           if ensemble_row(res) else ""),
+          (f"; ensemble: {_n_groups(ref)} such flat models (seeds), probabilities averaged (row {ens})"
+           if ens else ""),
           "- seeds: a seed sets experts.seed and groups.seed; finished: " +
           ", ".join(f"{r} {sorted(rr.runs)}" for r, rr in res.items()), ""]
     ks3 = (1, 5, 10)
@@ -193,7 +194,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           ("ours, fine-tuned end to end (Eq. 11)", "finetuned", "mixture", None),
           ("flat (\"AlexNet Extension\")", "mixture", "flat", "flat"),
           ("flat, width-matched", "mixture", "flat_wide", None),
-          ("ensemble of G flat models (equal compute)", ensemble_row(res) or "mixture", "flat_ensemble", None),
+          ("ensemble of G flat models (equal compute)", ens or "mixture", "flat_ensemble", None),
           ("random assignment", "random", _final(res.get("random")), "random"),
           ("visual tree", "visual", _final(res.get("visual")), "visual"),
           ("Stack 2 (Eq. 12)", "stack2", _final(res.get("stack2")), "stack2"),
