@@ -47,7 +47,7 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
     ens = ensemble_row(res)
     if ens is not None:
         row("mixture > ensemble of G flat models (equal compute)", ("mixture", final), (ens, "flat_ensemble"))
-    if final == "mixture" and any("mixture_nway" in m for m in mix.metrics.values()):
+    if final == "mixture" and "mixture_nway" in mix.models():
         row("end-to-end fine-tuning helps (Eq. 11 > Eq. 10)", ("mixture", "mixture"), ("mixture", "mixture_nway"))
     for name, claim in STEPS:
         if name in res:

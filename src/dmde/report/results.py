@@ -121,7 +121,7 @@ def ensemble_row(res: dict[str, RowResult]) -> str | None:
     models added), paired with the mixture by seed."""
     for name in ("mixture", "ensemble"):
         rr = res.get(name)
-        if rr is not None and any("flat_ensemble" in m for m in rr.metrics.values()):
+        if rr is not None and "flat_ensemble" in rr.models():
             return name
     return None
 
