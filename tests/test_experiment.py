@@ -163,7 +163,9 @@ def test_claims_of_the_recipe_steps_on_hand_made_results():
            "finetune_all": rr("finetune_all", mixture={0: 0.535, 1: 0.534}),
            "no_pool_temperature": rr("no_pool_temperature", mixture={0: 0.55}, mixture_nway={0: 0.53}),
            "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51}),
-           "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51})}
+           "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51}),
+           "distill": rr("distill", mixture={0: 0.555, 1: 0.548}, flat={0: 0.51, 1: 0.52}),
+           "distill_label": rr("distill_label", mixture={0: 0.56}, flat={0: 0.51})}
     lines = {ln.split(" | ")[0][2:]: ln for ln in claims(res, "mixture", []) if ln.startswith("| ")}
     assert "| 2.75 ± 1.06 |" in lines["mixture > flat"]  # +3.5 and +2.0
     ens = lines["mixture > ensemble of G flat models (equal compute)"]
@@ -181,3 +183,8 @@ def test_claims_of_the_recipe_steps_on_hand_made_results():
     assert not any("eq7" in k for k in lines)  # a step without its row is left out
     natural = lines["not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)"]
     assert "| -1.00 |" in natural and natural.endswith("| does not hold |")
+    kd = lines["the flat model's soft targets help the experts (distill > mixture)"]  # the addition is a, not b
+    assert "| distill:mixture | mixture:mixture | 0.90 ± 0.14 |" in kd and kd.endswith("| holds |")  # +1.0, +0.8
+    assert "| distill:mixture | distill:flat | 3.65 ± 1.20 |" in lines["distilled mixture > flat"]  # +4.5, +2.8
+    label = lines["an in-group image's soft target without not-in-group mass helps (distill_label > distill)"]
+    assert "| distill_label:mixture | distill:mixture | 0.50 |" in label and label.endswith("| holds (one seed) |")

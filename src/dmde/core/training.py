@@ -152,6 +152,7 @@ def fit(
     shuffle: bool = True,
     constant_lr: bool = False,
     resume_state: dict[str, Any] | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resuming from ``ckpt_path`` when it exists.
 
@@ -165,6 +166,8 @@ def fit(
     the checkpoint. ``shuffle=False``: each epoch in the order ``epoch_samples`` gives;
     ``constant_lr``: no decay after the warm-up (the layers trained on precomputed inputs).
     ``resume_state``: the checkpoint at ``ckpt_path`` when the caller has already read it.
+    ``on_batch(indices)``: called with the samples of each batch (this rank's) before its loss, for
+    a loss that needs per-sample data beside the label (the experts' distillation targets).
     """
     device = torch.device(device)
     path = Path(ckpt_path)
@@ -240,6 +243,8 @@ def fit(
             x = to_model_input(raw, data, cfg.augment, cfg.crop_padding, gen, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step, total, steps[epoch], constant_lr)
+            if on_batch is not None:
+                on_batch(b_idx)
             with autocast(precision, device):
                 loss, logits = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)

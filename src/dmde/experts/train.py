@@ -35,6 +35,7 @@ from dmde.core.training import (
     predict_logits,
 )
 from dmde.data.group_view import GroupView, group_labels
+from dmde.experts.distill import distillation_loss, soft_targets
 from dmde.experts.expert import Expert, init_from_flat
 from dmde.experts.multitask import DELTA1, DELTA2, MU, multitask_loss
 from dmde.experts.similarity import visual_similarity
@@ -42,6 +43,10 @@ from dmde.experts.similarity import visual_similarity
 #: Where an expert starts, and what one of its epochs means (:class:`ExpertsConfig`).
 INITS = ("backbone", "flat")
 BUDGETS = ("epochs", "flat_steps")
+MEMBERSHIPS = ("teacher", "label")
+#: Expert settings added after checkpoints existed, with their defaults: they enter an expert's
+#: identity hash only when changed, so that checkpoints trained before them still load.
+ADDED_SETTINGS = {"distill": 0.0, "distill_temperature": 2.0, "distill_membership": "teacher"}
 
 
 @dataclass
@@ -67,6 +72,14 @@ class ExpertsConfig(OptimConfig):
     # an equal not-in-group sample, about 2·M/N of the images) or 'flat_steps' (as many optimiser
     # steps as the flat model's epoch over every training image: equal steps per trained model).
     budget: str = "epochs"
+    # Knowledge distillation from the run's trained flat model (dmde.experts.distill): the weight α
+    # of its soft targets beside the hard labels' cross-entropy (0: the paper's Eq. 6 alone), and
+    # their temperature T; where the soft targets' not-in-group mass of an in-group image comes from:
+    # 'teacher' (the flat model's mass outside the group) or 'label' (none: the label says the image
+    # is in the group; the teacher only shapes the distribution over the group's classes).
+    distill: float = 0.0
+    distill_temperature: float = 2.0
+    distill_membership: str = "teacher"
 
 
 def expert_features(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +165,12 @@ def budget_epochs(cfg: ExpertsConfig, view_samples: int, flat_samples: int) -> E
 def expert_identity(cfg: ExpertsConfig, ontology_hash: str, group_wnids: Sequence[str]) -> dict[str, Any]:
     """What binds an expert checkpoint to its run: the ontology, the group's classes, and the hash
     of every expert setting (backbone, width, seed, …), checked before any state is loaded."""
-    return {"ontology_hash": ontology_hash, "group_wnids": list(group_wnids), "config_hash": config_hash(to_dict(cfg))}
+    return {"ontology_hash": ontology_hash, "group_wnids": list(group_wnids), "config_hash": expert_config_hash(cfg)}
+
+
+def expert_config_hash(cfg: ExpertsConfig) -> str:
+    """The hash of an expert's settings, without those of :data:`ADDED_SETTINGS` left at their default."""
+    return config_hash({k: v for k, v in to_dict(cfg).items() if ADDED_SETTINGS.get(k, object()) != v})
 
 
 def expert_path(out_dir: str | os.PathLike, j: int) -> Path:
@@ -175,16 +193,28 @@ def train_expert(
     init_from: dict[str, torch.Tensor] | None = None,
     flat_samples: int | None = None,
     precision: str | int = "32",
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip when finished) expert ``j``; returns its last metrics.
 
     Writes ``expert_{j}.pt`` after every epoch and a line per epoch to ``expert_{j}.jsonl``.
     ``init_from``: a flat model's state dict to start from (``cfg.init == 'flat'``);
     ``flat_samples``: the images of the flat model's epoch (``cfg.budget == 'flat_steps'``);
-    ``precision``: of the training steps (:data:`dmde.core.precision.PRECISIONS`).
+    ``precision``: of the training steps (:data:`dmde.core.precision.PRECISIONS`);
+    ``teacher_logits``: the flat model's logits (len(train), N) on ``train`` (``cfg.distill > 0``).
     """
     if len(group) < 1:
         raise DmdeValueError(f"task group {j} is empty")
+    alpha = float(cfg.distill)
+    soft = None
+    if alpha > 0:
+        if teacher_logits is None or teacher_logits.shape[0] != len(train):
+            raise DmdeValueError("experts.distill > 0 needs the flat model's logits on every training image "
+                                 "(baselines stage 'flat')")
+        members = torch.isin(train.targets.long(), torch.as_tensor(list(group), dtype=torch.long)) \
+            if cfg.distill_membership == "label" else None
+        soft = soft_targets(teacher_logits, group, cfg.distill_temperature, cfg.not_in_group, in_group=members)
+    batch: dict[str, torch.Tensor] = {}
     path = expert_path(out_dir, j)
     identity = expert_identity(cfg, ontology_hash, group_wnids)
     state = load_checkpoint(path) if path.exists() else None  # read once: checked here, resumed by fit
@@ -219,12 +249,17 @@ def train_expert(
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = expert_logits(model, x)
+        kd = alpha * distillation_loss(logits, batch["soft"].to(logits.device), cfg.distill_temperature) \
+            if soft is not None else 0.0
         if not cfg.multitask:
-            return F.cross_entropy(logits, y), logits
+            return (1.0 - alpha) * F.cross_entropy(logits, y) + kd, logits
         S = sim["S"].to(logits.device) if sim["S"] is not None else None
-        loss = multitask_loss(logits, y, model.head.class_weights, S, mu=cfg.mu, delta1=cfg.delta1,
+        loss = multitask_loss(logits, y, model.head.class_weights, S, mu=cfg.mu * (1.0 - alpha), delta1=cfg.delta1,
                               delta2=cfg.delta2 if S is not None else 0.0)
-        return loss, logits
+        return loss + kd, logits
+
+    def on_batch(idx: torch.Tensor) -> None:
+        batch["soft"] = soft[idx]
 
     def restore(state: dict[str, Any]) -> None:
         sim["S"] = state.get("similarity")
@@ -246,6 +281,7 @@ def train_expert(
         stop_after_epoch=stop_after_epoch,
         precision=precision,
         resume_state=state,
+        on_batch=on_batch if soft is not None else None,
     )
     return {"expert": j, **metrics}
 
@@ -258,7 +294,7 @@ def load_expert(path: str | os.PathLike, ontology_hash: str | None = None,
     state = load_checkpoint(path)
     if ontology_hash is not None:
         check_expert_checkpoint(state, ontology_hash, group_wnids, where=str(path),
-                                config_hash=config_hash(to_dict(expected)) if expected is not None else None)
+                                config_hash=expert_config_hash(expected) if expected is not None else None)
     missing = [k for k in ("config", "group", "model") if k not in state]
     if missing:
         raise MismatchError(f"{path} is not a dmde expert checkpoint (no {', '.join(missing)})")
@@ -291,6 +327,7 @@ def train_all_experts(
     init_from: dict[str, torch.Tensor] | None = None,
     flat_samples: int | None = None,
     precision: str | int = "32",
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Train every group's expert (or those in ``only``), this rank's share under torchrun."""
     selected = list(range(len(groups))) if only is None else list(only)
@@ -302,7 +339,8 @@ def train_all_experts(
     for j in my_share(selected, rank, world):
         results[j] = train_expert(j, groups[j], groups_wnids[j], train, cfg, out_dir, ontology_hash,
                                   holdout=holdout, device=device, progress=progress, init_from=init_from,
-                                  flat_samples=flat_samples, precision=precision)
+                                  flat_samples=flat_samples, precision=precision,
+                                  teacher_logits=teacher_logits)
         if on_expert_done:
             on_expert_done(j, results[j])
     barrier()

@@ -55,6 +55,12 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
     if "no_pool_temperature" in res:
         row("τ before the N-way layer helps the N-way layer (mixture > no_pool_temperature)",
             ("mixture", "mixture_nway"), ("no_pool_temperature", "mixture_nway"))
+    if "distill" in res:  # an addition to the recipe, not a step undone: the row is a, the mixture b
+        row("the flat model's soft targets help the experts (distill > mixture)", end("distill"), ("mixture", final))
+        row("distilled mixture > flat", end("distill"), ("distill", "flat"))
+    if "distill_label" in res and "distill" in res:
+        row("an in-group image's soft target without not-in-group mass helps (distill_label > distill)",
+            end("distill_label"), end("distill"))
     if "wider_natural" in res and "wider_groups" in res:
         row("not-in-group images at their natural share > 1:1 (wider_natural > wider_groups)",
             end("wider_natural"), end("wider_groups"))

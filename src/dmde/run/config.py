@@ -13,7 +13,7 @@ from dmde.core.errors import DmdeFileError, DmdeValueError
 from dmde.core.precision import PRECISIONS
 from dmde.core.training import OPTIMIZERS, OptimConfig
 from dmde.data.datasets import DATASETS, ON_CORRUPT, STORAGES
-from dmde.experts.train import BUDGETS, INITS, ExpertsConfig
+from dmde.experts.train import BUDGETS, INITS, MEMBERSHIPS, ExpertsConfig
 from dmde.fusion.calibration import CALIBRATIONS, POOL_TEMPERATURES
 from dmde.fusion.mixture import BATCH_MODES, NWAY_INPUTS, NWAY_KINDS
 from dmde.fusion.stacking import VARIANTS
@@ -144,6 +144,7 @@ def validate(cfg: RunConfig) -> None:
         "fusion.finetune_data": (cfg.fusion.finetune_data, FINETUNE_DATA),
         "experts.init": (cfg.experts.init, INITS),
         "experts.budget": (cfg.experts.budget, BUDGETS),
+        "experts.distill_membership": (cfg.experts.distill_membership, MEMBERSHIPS),
         "experts.optimizer": (cfg.experts.optimizer, OPTIMIZERS),
         "fusion.finetune.optimizer": (cfg.fusion.finetune.optimizer, OPTIMIZERS),
         "fusion.batched": (cfg.fusion.batched, (False, True) + BATCH_MODES),
@@ -159,6 +160,10 @@ def validate(cfg: RunConfig) -> None:
         bad("data.workers", cfg.data.workers, "must be at least 0")
     if float(cfg.experts.not_in_group_ratio) < 0:
         bad("experts.not_in_group_ratio", cfg.experts.not_in_group_ratio, "must be at least 0")
+    if not 0.0 <= float(cfg.experts.distill) <= 1.0:
+        bad("experts.distill", cfg.experts.distill, "must lie in [0, 1] (the weight of the flat model's soft targets)")
+    if not float(cfg.experts.distill_temperature) > 0:
+        bad("experts.distill_temperature", cfg.experts.distill_temperature, "must be > 0")
     if int(cfg.groups.size) < 1:
         bad("groups.size", cfg.groups.size, "must be at least 1")
     if cfg.ontology.source == "taxonomy" and cfg.ontology.taxonomy is None:

@@ -35,11 +35,12 @@ from dmde.hierarchy.ontology import Ontology
 from dmde.run.config import RunConfig, resolve_device, validate
 from dmde.run.evaluate import evaluate_run
 from dmde.run.prepare import cat_data, data_summary, prepare_splits, run_wordnet
-from dmde.run.stages import BY_NAME, STAGES, stage_hashes
+from dmde.run.stages import BY_NAME, STAGES, needs_flat, stage_hashes
 from dmde.run.store import (
     Run,
     build_mixture,
     load_experts,
+    flat_logits,
     load_flat_state,
     load_groups,
 )
@@ -157,8 +158,8 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
         train_flat(run.dir / "flat.pt", everything, n, cfg, onto.hash(), device, progress)
 
     warm = cfg.experts.init == "flat"
-    if warm:  # the experts start from the flat model (HD-CNN's warm start): it trains first
-        stage("flat", flat)
+    if needs_flat(cfg):  # the experts start from the flat model (HD-CNN's warm start) or learn its soft
+        stage("flat", flat)  # targets: it trains first
 
     # ---- experts (§IV-B)
     h = hashes["experts"]
@@ -169,7 +170,9 @@ def _train(run_dir: str | os.PathLike, cfg: RunConfig, until: str | None,
         results = train_all_experts(groups.groups, groups.wnids, splits.train, cfg.experts, run.dir / "experts",
                                     onto.hash(), holdout=splits.holdout, only=only_experts, device=device,
                                     progress=progress, init_from=load_flat_state(run.dir, onto) if warm else None,
-                                    flat_samples=len(everything), precision=cfg.precision)
+                                    flat_samples=len(everything), precision=cfg.precision,
+                                    teacher_logits=flat_logits(run.dir, cfg, onto, splits.train, device)
+                                    if cfg.experts.distill > 0 else None)
         write_json(run.dir / "experts" / f"metrics_rank{rank}.json", {str(k): v for k, v in results.items()})
         if rank == 0 and only_experts is None:
             run.finish("experts")

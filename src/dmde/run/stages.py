@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` l
 
 #: Settings added after runs existed, with their defaults: in a hash only when changed.
 LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "pool_temperature": "none", "source": "wordnet",
-         "taxonomy": None, "finetune_data": "all"}
+         "taxonomy": None, "finetune_data": "all", "distill": 0.0, "distill_temperature": 2.0,
+         "distill_membership": "teacher"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,16 @@ def _always(cfg: RunConfig) -> bool:
     return True
 
 
+#: Expert settings that are not the flat model's (the flat stage's hash leaves them out).
+EXPERTS_ONLY = ("init", "budget", "distill", "distill_temperature", "distill_membership")
+
+
+def needs_flat(cfg: RunConfig) -> bool:
+    """Whether the experts read the trained flat model: their warm start (``experts.init=flat``) or
+    its soft targets (``experts.distill > 0``); the flat model then trains before them."""
+    return cfg.experts.init == "flat" or float(cfg.experts.distill) > 0
+
+
 TABLE: tuple[Stage, ...] = (
     Stage("ontology", (), "ontology", ("ontology.json",),
           lambda c, h: [_data(c), _ontology(c)], _always,
@@ -102,9 +113,10 @@ TABLE: tuple[Stage, ...] = (
     Stage("groups", ("ontology",), "groups", ("groups.json", "visual_ontology.json"),
           lambda c, h: [h["ontology"], to_dict(c.groups)], _always,
           "dmde.run.trainers.make_run_groups"),
-    # experts.init=flat: the experts start from the flat model, whose hash then enters theirs
+    # experts.init=flat (the experts start from the flat model) or experts.distill > 0 (they learn its
+    # soft targets): the flat model's hash enters theirs
     Stage("experts", ("groups", "flat"), "experts", ("experts",),
-          lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if c.experts.init == "flat" else [])
+          lambda c, h: [h["groups"], _data(c), _experts(c)] + ([h["flat"]] if needs_flat(c) else [])
           + _precision(c),
           _always, "dmde.experts.train.train_all_experts"),
     Stage("fusion", ("experts",), "fusion", ("fusion.pt", "fusion.train.pt", "fusion.train.jsonl",
@@ -114,11 +126,11 @@ TABLE: tuple[Stage, ...] = (
     Stage("finetune", ("fusion",), "fusion.finetune", ("mixture.pt", "mixture.jsonl", "mixture.tb"),
           lambda c, h: [h["fusion"], _fusion(c)[1]], lambda c: c.fusion.finetune.epochs > 0,
           "dmde.run.trainers.finetune", parallel=True),
-    # how the experts start and how long they run are not the flat model's settings
+    # how the experts start, how long they run and what they learn from it are not the flat model's settings
     Stage("flat", ("ontology",), "baselines", ("flat.pt", "flat.jsonl", "flat.tb"),
-          lambda c, h: [h["ontology"], _data(c), {k: v for k, v in _experts(c).items() if k not in ("init", "budget")},
+          lambda c, h: [h["ontology"], _data(c), {k: v for k, v in _experts(c).items() if k not in EXPERTS_ONLY},
                         c.baselines.epochs] + _precision(c),
-          lambda c: c.baselines.flat or c.experts.init == "flat", "dmde.run.trainers.train_flat", parallel=True),
+          lambda c: c.baselines.flat or needs_flat(c), "dmde.run.trainers.train_flat", parallel=True),
     Stage("flat_wide", ("flat", "groups"), "baselines", ("flat_wide.pt", "flat_wide.jsonl", "flat_wide.tb"),
           lambda c, h: [h["flat"], h["groups"], c.fusion.nway, c.fusion.rank],
           lambda c: c.baselines.width_matched_flat, "dmde.run.trainers.train_flat", parallel=True),

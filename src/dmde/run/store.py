@@ -17,6 +17,7 @@ from dmde.core.checkpoint import load_checkpoint
 from dmde.core.config import load_config
 from dmde.core.errors import DmdeFileError, DmdeValueError, MismatchError
 from dmde.core.io import read_json, write_json
+from dmde.core.training import ImageTensors, predict_logits
 from dmde.experts.train import ExpertsConfig, expert_path, load_expert
 from dmde.fusion.mixture import Mixture, NWaySoftmax
 from dmde.fusion.stacking import LOG_VARIANTS
@@ -137,6 +138,18 @@ def load_flat_state(run_dir: Path, onto) -> dict[str, torch.Tensor]:
     if state.get("ontology_hash") != onto.hash():
         raise MismatchError(f"{path} was trained for another ontology")
     return state["model"]
+
+
+def flat_logits(run_dir: Path, cfg: RunConfig, onto, data: ImageTensors,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The trained flat model's logits (len(data), N) on ``data``: the experts' soft targets
+    (experts.distill > 0), computed once for every expert."""
+    path = Path(run_dir) / "flat.pt"
+    if not path.exists():
+        raise DmdeFileError(f"experts.distill > 0 needs {path}: the flat stage has not run")
+    flat = _load_flat(path, cfg, onto).to(device).eval()
+    with torch.no_grad():
+        return predict_logits(flat, data, device=device, desc="flat teacher")
 
 
 def _stage_done(run_dir: Path, name: str) -> bool:
