@@ -194,6 +194,12 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def without_defaults(settings: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without those of ``added`` (settings added after runs existed, with their
+    defaults) left at their default: what a hash sees, so that runs from before them still match."""
+    return {k: v for k, v in settings.items() if added.get(k, object()) != v}
+
+
 def config_hash(obj: Any) -> str:
     """A short stable hash of a config (dataclass or plain data), for deciding what to redo."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -10,9 +10,9 @@ with p_T = softmax(z / T) of the expert's logits z (M_j + 1 outputs) and q_T the
 softmax at the same temperature over the N classes, *folded* onto the expert's outputs: the
 probabilities of the group's M_j classes as they are, and the rest summed into "not in group"
 (:func:`fold_to_group`); with ``experts.distill_membership=label`` an image of the group's classes
-puts all of it on them instead (:func:`soft_targets`). The T² keeps the gradient's scale independent of T. The flat model is the
-teacher that the run trains anyway as its baseline, so the experts then depend on it
-(``experts.init=flat`` does too).
+puts all of it on them instead (:func:`soft_targets`). The T² keeps the gradient's scale
+independent of T. The flat model is the teacher that the run trains anyway as its baseline, so the
+experts then depend on it (``experts.init=flat`` does too).
 """
 from __future__ import annotations
 

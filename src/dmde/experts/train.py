@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmde.core.checkpoint import check_expert_checkpoint, load_checkpoint
-from dmde.core.config import config_hash, from_dict, to_dict
+from dmde.core.config import config_hash, from_dict, to_dict, without_defaults
 from dmde.core.distributed import barrier, dist_context, my_share
 from dmde.core.errors import DmdeValueError, MismatchError
 from dmde.core.training import (
@@ -170,7 +170,7 @@ def expert_identity(cfg: ExpertsConfig, ontology_hash: str, group_wnids: Sequenc
 
 def expert_config_hash(cfg: ExpertsConfig) -> str:
     """The hash of an expert's settings, without those of :data:`ADDED_SETTINGS` left at their default."""
-    return config_hash({k: v for k, v in to_dict(cfg).items() if ADDED_SETTINGS.get(k, object()) != v})
+    return config_hash(without_defaults(to_dict(cfg), ADDED_SETTINGS))
 
 
 def expert_path(out_dir: str | os.PathLike, j: int) -> Path:

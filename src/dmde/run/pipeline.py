@@ -39,8 +39,8 @@ from dmde.run.stages import BY_NAME, STAGES, needs_flat, stage_hashes
 from dmde.run.store import (
     Run,
     build_mixture,
-    load_experts,
     flat_logits,
+    load_experts,
     load_flat_state,
     load_groups,
 )

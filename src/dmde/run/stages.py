@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dmde.core.config import config_hash, to_dict
+from dmde.core.config import config_hash, to_dict, without_defaults
 
 if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` lists its stages
     from dmde.run.config import RunConfig
@@ -68,7 +68,7 @@ def _ontology(cfg: RunConfig) -> dict[str, Any]:
 
 def _later(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` without the :data:`LATER` ones left at their defaults."""
-    return {k: v for k, v in settings.items() if LATER.get(k, object()) != v}
+    return without_defaults(settings, LATER)
 
 
 def _experts(cfg: RunConfig) -> dict[str, Any]:
