@@ -2,6 +2,7 @@
 the calibration before Eq. 7, the equal-steps budget and the flat ensemble, on known answers."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,12 +10,15 @@ import torch
 from torch import nn
 
 from dmde.baselines.models import FlatClassifier, FlatEnsemble
+from dmde.core.errors import DmdeValueError
 from dmde.experts.backbones import create_backbone
 from dmde.experts.expert import Expert, init_from_flat
-from dmde.experts.train import ExpertsConfig, budget_epochs
+from dmde.experts.train import ExpertsConfig, budget_epochs, expert_config_hash
 from dmde.fusion.calibration import calibrate_logits, expected_calibration_error, fit_calibration
 from dmde.fusion.stacking import GroupLayout, group_slots, restrict_to_true_groups, stack
+from dmde.run.config import RunConfig, validate
 from dmde.run.evaluate import expert_accounting, restricted_top1
+from dmde.run.stages import stage_hashes
 
 
 def _flat(n: int = 6, seed: int = 0) -> FlatClassifier:
@@ -146,6 +150,31 @@ def test_budget_equal_steps():
     assert budget_epochs(cfg, view_samples=450, flat_samples=1000).epochs == 8
     assert budget_epochs(ExpertsConfig(epochs=4, batch_size=100), 450, 1000).epochs == 4  # budget=epochs
     assert budget_epochs(ExpertsConfig(epochs=0, budget="flat_steps"), 450, 1000).epochs == 0
+
+
+def test_budget_share_scales_the_flat_steps_to_whole_passes():
+    half = ExpertsConfig(epochs=4, batch_size=100, budget="flat_steps", budget_share=0.5)
+    # half of 40 flat steps = 20 steps over a view of 5 steps an epoch: 4 passes
+    assert budget_epochs(half, view_samples=450, flat_samples=1000).epochs == 4
+    # 0.3 · 40 = 12 steps → 2.4 passes → 2; a tiny share still runs one pass
+    assert budget_epochs(dataclasses.replace(half, budget_share=0.3), 450, 1000).epochs == 2
+    assert budget_epochs(dataclasses.replace(half, budget_share=0.01), 450, 1000).epochs == 1
+
+
+def test_budget_share_is_the_experts_alone_and_checked():
+    base = RunConfig()
+    steps = dataclasses.replace(base, experts=dataclasses.replace(base.experts, budget="flat_steps"))
+    half = dataclasses.replace(steps, experts=dataclasses.replace(steps.experts, budget_share=0.5))
+    a, b = stage_hashes(steps), stage_hashes(half)
+    assert a["flat"] == b["flat"] and a["experts"] != b["experts"]  # the flat model is not retrained
+    same = dataclasses.replace(steps, experts=dataclasses.replace(steps.experts, budget_share=1.0))
+    assert stage_hashes(same) == a  # at its default the setting stays out of every hash
+    assert expert_config_hash(steps.experts) == expert_config_hash(same.experts)
+    assert expert_config_hash(steps.experts) != expert_config_hash(half.experts)
+    with pytest.raises(DmdeValueError, match="budget_share=0.0 must be > 0"):
+        validate(dataclasses.replace(steps, experts=dataclasses.replace(steps.experts, budget_share=0.0)))
+    with pytest.raises(DmdeValueError, match="budget_share=0.5 is read only with experts.budget=flat_steps"):
+        validate(dataclasses.replace(base, experts=dataclasses.replace(base.experts, budget_share=0.5)))
 
 
 @pytest.mark.slow

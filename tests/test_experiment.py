@@ -165,7 +165,8 @@ def test_claims_of_the_recipe_steps_on_hand_made_results():
            "wider_groups": rr("wider_groups", mixture={0: 0.55}, flat={0: 0.51}),
            "wider_natural": rr("wider_natural", mixture={0: 0.54}, flat={0: 0.51}),
            "distill": rr("distill", mixture={0: 0.555, 1: 0.548}, flat={0: 0.51, 1: 0.52}),
-           "distill_label": rr("distill_label", mixture={0: 0.56}, flat={0: 0.51})}
+           "distill_label": rr("distill_label", mixture={0: 0.56}, flat={0: 0.51}),
+           "sixteen_experts": rr("sixteen_experts", mixture={0: 0.552}, flat={0: 0.51})}
     lines = {ln.split(" | ")[0][2:]: ln for ln in claims(res, "mixture", []) if ln.startswith("| ")}
     assert "| 2.75 ± 1.06 |" in lines["mixture > flat"]  # +3.5 and +2.0
     ens = lines["mixture > ensemble of G flat models (equal compute)"]
@@ -188,3 +189,7 @@ def test_claims_of_the_recipe_steps_on_hand_made_results():
     assert "| distill:mixture | distill:flat | 3.65 ± 1.20 |" in lines["distilled mixture > flat"]  # +4.5, +2.8
     label = lines["an in-group image's soft target without not-in-group mass helps (distill_label > distill)"]
     assert "| distill_label:mixture | distill:mixture | 0.50 |" in label and label.endswith("| holds (one seed) |")
+    wide = lines["16 experts at half the steps (each class in 8) > 8 at the flat model's steps (in 4) "
+                 "(sixteen_experts > mixture)"]
+    assert "| sixteen_experts:mixture | mixture:mixture | 0.70 |" in wide  # seed 0: 55.2 − 54.5
+    assert "| sixteen_experts:mixture | sixteen_experts:flat | 4.20 |" in lines["16 experts' mixture > flat"]

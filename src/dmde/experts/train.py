@@ -46,7 +46,7 @@ BUDGETS = ("epochs", "flat_steps")
 MEMBERSHIPS = ("teacher", "label")
 #: Expert settings added after checkpoints existed, with their defaults: they enter an expert's
 #: identity hash only when changed, so that checkpoints trained before them still load.
-ADDED_SETTINGS = {"distill": 0.0, "distill_temperature": 2.0, "distill_membership": "teacher"}
+ADDED_SETTINGS = {"distill": 0.0, "distill_temperature": 2.0, "distill_membership": "teacher", "budget_share": 1.0}
 
 
 @dataclass
@@ -72,6 +72,9 @@ class ExpertsConfig(OptimConfig):
     # an equal not-in-group sample, about 2·M/N of the images) or 'flat_steps' (as many optimiser
     # steps as the flat model's epoch over every training image: equal steps per trained model).
     budget: str = "epochs"
+    # Under 'flat_steps': the share of the flat model's steps each expert takes (1: equal steps per
+    # trained model; 1/2 with twice as many experts: the mixture's total steps those of G/2 flat models).
+    budget_share: float = 1.0
     # Knowledge distillation from the run's trained flat model (dmde.experts.distill): the weight α
     # of its soft targets beside the hard labels' cross-entropy (0: the paper's Eq. 6 alone), and
     # their temperature T; where the soft targets' not-in-group mass of an in-group image comes from:
@@ -153,12 +156,13 @@ def evaluate_expert(expert: nn.Module, data: ImageTensors, group: Sequence[int],
 def budget_epochs(cfg: ExpertsConfig, view_samples: int, flat_samples: int) -> ExpertsConfig:
     """``cfg`` with the epochs an expert runs under ``cfg.budget``: as configured ('epochs'), or
     scaled by flat_samples / view_samples so that it takes the flat model's optimiser steps
-    ('flat_steps'; same batch size). The result is what the expert's checkpoint records."""
+    ('flat_steps'; same batch size), times ``cfg.budget_share``, rounded to whole passes (at least
+    one). The result is what the expert's checkpoint records."""
     if cfg.budget == "epochs" or cfg.epochs == 0:
         return cfg
     if cfg.budget != "flat_steps":
         raise DmdeValueError(f"experts.budget={cfg.budget!r} is not one of epochs, flat_steps")
-    steps = cfg.epochs * math.ceil(flat_samples / cfg.batch_size)
+    steps = cfg.budget_share * cfg.epochs * math.ceil(flat_samples / cfg.batch_size)
     return dataclasses.replace(cfg, epochs=max(1, round(steps / math.ceil(max(1, view_samples) / cfg.batch_size))))
 
 

@@ -24,6 +24,15 @@ STEPS = (
     ("view_epochs", "equal steps help the experts (budget flat_steps > epochs)"),
 )
 
+#: Additions to the recipe (rows of the suite that add a step): (row, the claim that it helps, its claim over flat).
+ADDITIONS = (
+    ("distill", "the flat model's soft targets help the experts", "distilled mixture > flat"),
+    ("sixteen_experts", "16 experts at half the steps (each class in 8) > 8 at the flat model's steps (in 4)",
+     "16 experts' mixture > flat"),
+    ("twelve_experts", "12 experts at 2/3 of the steps (each class in 6) > 8 at the flat model's steps (in 4)",
+     "12 experts' mixture > flat"),
+)
+
 
 def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
     mix = res["mixture"]
@@ -55,9 +64,10 @@ def claims(res: dict[str, RowResult], final: str | None, lam_rows) -> list[str]:
     if "no_pool_temperature" in res:
         row("τ before the N-way layer helps the N-way layer (mixture > no_pool_temperature)",
             ("mixture", "mixture_nway"), ("no_pool_temperature", "mixture_nway"))
-    if "distill" in res:  # an addition to the recipe, not a step undone: the row is a, the mixture b
-        row("the flat model's soft targets help the experts (distill > mixture)", end("distill"), ("mixture", final))
-        row("distilled mixture > flat", end("distill"), ("distill", "flat"))
+    for name, claim, over_flat in ADDITIONS:  # not a step undone: the row is a, the mixture b
+        if name in res:
+            row(f"{claim} ({name} > mixture)", end(name), ("mixture", final))
+            row(over_flat, end(name), (name, "flat"))
     if "distill_label" in res and "distill" in res:
         row("an in-group image's soft target without not-in-group mass helps (distill_label > distill)",
             end("distill_label"), end("distill"))

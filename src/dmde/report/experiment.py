@@ -61,6 +61,15 @@ from dmde.run.prepare import load_splits, prepare_splits
 from dmde.run.store import load_models, nway_input
 
 
+def _budget_rule(e) -> str:
+    """The experts' budget rule in words (ExpertsConfig.budget and budget_share)."""
+    if e.budget != "flat_steps":
+        return "epochs over the group view"
+    if float(e.budget_share) == 1.0:
+        return "as many optimiser steps per expert as the flat model"
+    return f"{float(e.budget_share):g} of the flat model's optimiser steps per expert"
+
+
 def write_report(suite: Suite, out: str | os.PathLike, regimes: Sequence[str] = ("pretrained",),
                  report_dir: str | os.PathLike | None = None) -> Path:
     """``REPORT.md`` and its figures (into ``report_dir``, default ``OUT/report``) from the finished runs."""
@@ -173,7 +182,7 @@ def _regime_report(suite: Suite, out: Path, regime: str, rep: Path, book: dict[s
           f"- experts: `{e.backbone}` {e.backbone_kwargs}, {e.epochs} epoch(s), {e.optimizer} lr {e.lr}, batch "
           f"{e.batch_size}, multi-task head (δ1 = {e.delta1}, δ2 = {e.delta2}), "
           f"not-in-group ratio {e.not_in_group_ratio}; start: {e.init}; budget: {e.budget} "
-          f"({'as many optimiser steps per expert as the flat model' if e.budget == 'flat_steps' else 'epochs over the group view'})",
+          f"({_budget_rule(e)})",
           f"- fusion: stacking {cfg.fusion.stacking} (ε = {cfg.fusion.eps}), N-way {cfg.fusion.nway} on "
           f"{'log Υ' if nway_input(cfg.fusion) == 'log' else 'Υ as it is (a log score)'}, {cfg.fusion.epochs} epochs; end-to-end fine-tuning {cfg.fusion.finetune.epochs} "
           f"epoch(s); calibration before Eq. 7: {cfg.fusion.calibrate}; the mixture's final model here: **{final}**",

@@ -164,6 +164,11 @@ def validate(cfg: RunConfig) -> None:
         bad("experts.distill", cfg.experts.distill, "must lie in [0, 1] (the weight of the flat model's soft targets)")
     if not float(cfg.experts.distill_temperature) > 0:
         bad("experts.distill_temperature", cfg.experts.distill_temperature, "must be > 0")
+    if not float(cfg.experts.budget_share) > 0:
+        bad("experts.budget_share", cfg.experts.budget_share, "must be > 0 (the share of the flat model's steps)")
+    if float(cfg.experts.budget_share) != 1.0 and cfg.experts.budget != "flat_steps":
+        bad("experts.budget_share", cfg.experts.budget_share,
+            f"is read only with experts.budget=flat_steps, not {cfg.experts.budget}")
     if int(cfg.groups.size) < 1:
         bad("groups.size", cfg.groups.size, "must be at least 1")
     if cfg.ontology.source == "taxonomy" and cfg.ontology.taxonomy is None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the table itself stays free of torch: `dmde train --help` l
 #: Settings added after runs existed, with their defaults: in a hash only when changed.
 LATER = {"init": "backbone", "budget": "epochs", "calibrate": "none", "pool_temperature": "none", "source": "wordnet",
          "taxonomy": None, "finetune_data": "all", "distill": 0.0, "distill_temperature": 2.0,
-         "distill_membership": "teacher"}
+         "distill_membership": "teacher", "budget_share": 1.0}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _always(cfg: RunConfig) -> bool:
 
 
 #: Expert settings that are not the flat model's (the flat stage's hash leaves them out).
-EXPERTS_ONLY = ("init", "budget", "distill", "distill_temperature", "distill_membership")
+EXPERTS_ONLY = ("init", "budget", "budget_share", "distill", "distill_temperature", "distill_membership")
 
 
 def needs_flat(cfg: RunConfig) -> bool:
