@@ -26,10 +26,12 @@ import sys
 import time
 from itertools import combinations
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from dmde.core.training import predict_logits
+from dmde.experts.distill import fold_to_group
 from dmde.fusion.stacking import GroupLayout, stack
 from dmde.hierarchy.ontology import Ontology
 from dmde.hierarchy.wordnet import WordNet
@@ -41,14 +43,11 @@ def top1(scores: torch.Tensor, y: torch.Tensor) -> float:
     return 100 * float((scores.argmax(1) == y).float().mean())
 
 
-def dressed(flat_logits: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """A flat model's N-class softmax as expert j's padded probabilities (B, Mmax+1): the group's
-    classes as they are, the mass of every other class as not-in-group."""
-    p = torch.softmax(flat_logits, -1)  # (B, N)
-    g = layout.class_index  # (G, Mmax), −1 padding
-    inside = p[:, g.clamp_min(0)] * layout.mask  # (B, G, Mmax)
-    nig = (1 - inside.sum(-1, keepdim=True)).clamp_min(0)
-    return torch.cat([inside, nig], -1)
+def dressed(flat_logits: Sequence[torch.Tensor], layout: GroupLayout) -> torch.Tensor:
+    """Flat models' softmaxes as the experts' padded probabilities P (B, G, Mmax+1): flat model j
+    keeps group j's classes as they are and folds every other class's mass into not-in-group
+    (:func:`dmde.experts.distill.fold_to_group`, the folding of distillation's soft targets)."""
+    return layout.pad_probs([fold_to_group(torch.softmax(z, -1), g) for z, g in zip(flat_logits, layout.groups)])
 
 
 def main(run: Path) -> None:
@@ -81,10 +80,10 @@ def main(run: Path) -> None:
     raw_p = torch.softmax(raw, -1)
     print(f"| the {g_count} experts (raw) | {rule} | {top1(stack(raw_p, layout, rule), y):.2f} |")
     if len(members) >= g_count:
-        d = torch.stack([dressed(members[j], layout)[:, j] for j in range(g_count)], 1)
+        d = dressed(members[:g_count], layout)
         print(f"| {g_count} flat models dressed as the experts (flat model j keeps group j) | {rule} | "
               f"{top1(stack(d, layout, rule), y):.2f} |")
-    d0 = torch.stack([dressed(members[0], layout)[:, j] for j in range(g_count)], 1)
+    d0 = dressed([members[0]] * g_count, layout)
     print(f"| the flat model dressed as every expert | {rule} | {top1(stack(d0, layout, rule), y):.2f} |")
 
     # per-expert N-class score matrices (−inf outside the group), for restricted argmaxes
