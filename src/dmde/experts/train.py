@@ -73,7 +73,7 @@ class ExpertsConfig(OptimConfig):
     # steps as the flat model's epoch over every training image: equal steps per trained model).
     budget: str = "epochs"
     # Under 'flat_steps': the share of the flat model's steps each expert takes (1: equal steps per
-    # trained model; 1/2 with twice as many experts: the mixture's total steps those of G/2 flat models).
+    # trained model; 1/2 with 2G experts: the mixture's total steps stay those of G flat models).
     budget_share: float = 1.0
     # Knowledge distillation from the run's trained flat model (dmde.experts.distill): the weight α
     # of its soft targets beside the hard labels' cross-entropy (0: the paper's Eq. 6 alone), and
